@@ -1,0 +1,317 @@
+"""One validated experiment config: every parameter once, with its default, type and help.
+
+Why a dataclass and not a dict: papermill passes parameters as loose Python literals, and it only
+*warns* about names a notebook does not know; YAML 1.1 reads ``2e-4`` as a string. Both let a
+typo or a wrong type through silently. :class:`ExperimentConfig` is the single source of defaults
+(= Experiment 1), and :func:`load_config` / :func:`config_from_namespace` fail early with a
+:class:`~hb_utils.errors.ConfigError` that names the parameter and the fix.
+
+Fingerprints (:meth:`ExperimentConfig.fingerprint`) let every artifact record which settings made
+it, so a notebook never mixes artifacts from different configs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from hb_utils.errors import ConfigError
+
+SYSTEM_PROMPT = (
+    "You are HealthBot, a knowledgeable and empathetic medical information assistant. "
+    "You provide accurate, evidence-based health information to help users understand medical "
+    "conditions, symptoms, and treatments. Always remind users to consult a qualified healthcare "
+    "professional for personal medical advice."
+)
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# Which fields define which artifact. A field not listed in DATA or TRAIN only changes evaluation
+# or bookkeeping, so changing it must not invalidate a split or an adapter.
+DATA_FIELDS = (
+    "dataset", "dataset_split", "system_prompt", "strip_html", "min_question_chars",
+    "min_answer_chars", "max_answer_words", "sample_size", "sample_seed", "train_frac",
+    "val_frac", "test_frac", "split_seed", "split_by",
+)
+TRAIN_FIELDS = DATA_FIELDS + (
+    "model_name", "max_length", "load_in_4bit", "bnb_4bit_quant_type", "bnb_4bit_double_quant",
+    "compute_dtype", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+    "learning_rate", "batch_size", "eval_batch_size", "grad_accum", "num_epochs", "max_steps",
+    "lr_scheduler", "warmup_ratio", "weight_decay", "optim", "max_grad_norm",
+    "gradient_checkpointing", "group_by_length", "eval_steps", "save_steps",
+    "load_best_model", "completion_only_loss", "seed",
+)
+# Bookkeeping only: never part of any fingerprint.
+NON_RESULT_FIELDS = ("experiment", "output_root", "report_to", "resume", "progress")
+
+
+def _f(default: Any, help: str, **meta: Any) -> Any:
+    """A dataclass field with its one-line help (and optional choices / bounds) in metadata."""
+    meta["help"] = help
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Every parameter of an experiment. Defaults reproduce Experiment 1."""
+
+    # --- run ---
+    experiment: str = _f("exp1", "Run name: artifacts go to <output_root>/<experiment>/.")
+    output_root: str = _f("outputs", "Where run directories live (relative paths: to the repo root).")
+    # --- data ---
+    dataset: str = _f("lavita/MedQuAD", "Hub dataset id, MedQuAD XML release dir, or .parquet/.jsonl/.csv file.")
+    dataset_split: str = _f("train", "Split of a Hub dataset to load.")
+    system_prompt: str = _f(SYSTEM_PROMPT, "System message of every chat record.")
+    strip_html: bool = _f(True, "Strip HTML tags from questions and answers.")
+    min_question_chars: int = _f(10, "Keep questions longer than this many characters.", min=0)
+    min_answer_chars: int = _f(20, "Keep answers longer than this many characters.", min=0)
+    max_answer_words: int = _f(300, "Keep answers of at most this many words.", min=1)
+    sample_size: int = _f(1500, "Number of pairs sampled after cleaning.", min=1)
+    sample_seed: int = _f(42, "Seed of the sample.")
+    train_frac: float = _f(0.8, "Fraction of pairs for training.", min=0.0, max=1.0)
+    val_frac: float = _f(0.1, "Fraction of pairs for validation.", min=0.0, max=1.0)
+    test_frac: float = _f(0.1, "Fraction of pairs for testing.", min=0.0, max=1.0)
+    split_seed: int = _f(42, "Seed of the train/val/test split.")
+    split_by: str = _f("question", "Group kept in one split: row (original), question, or focus.",
+                       choices=("row", "question", "focus"))
+    # --- model ---
+    model_name: str = _f("TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+                         "Hub id, local model dir, or the alias smollm2-135m-instruct (offline).")
+    max_length: int = _f(512, "Maximum tokens per training example.", min=16)
+    load_in_4bit: bool = _f(True, "Quantize the base model to 4-bit (QLoRA).")
+    bnb_4bit_quant_type: str = _f("nf4", "4-bit quantization type.", choices=("nf4", "fp4"))
+    bnb_4bit_double_quant: bool = _f(True, "Double quantization of the 4-bit constants.")
+    compute_dtype: str = _f("auto", "auto (bf16 where supported, else fp16 on GPU / fp32 on CPU), bf16, fp16, fp32.",
+                            choices=("auto", "bf16", "fp16", "fp32"))
+    # --- LoRA ---
+    lora_r: int = _f(8, "LoRA rank.", min=1)
+    lora_alpha: int = _f(16, "LoRA alpha (scale = alpha / r).", min=1)
+    lora_dropout: float = _f(0.05, "LoRA dropout, in [0, 1).", min=0.0, max_excl=1.0)
+    lora_target_modules: list[str] = _f(LORA_TARGETS, "Module names that get LoRA adapters.")
+    # --- training ---
+    learning_rate: float = _f(2e-4, "Peak learning rate.", min_excl=0.0)
+    batch_size: int = _f(2, "Per-device training batch size.", min=1)
+    eval_batch_size: int = _f(2, "Per-device evaluation batch size.", min=1)
+    grad_accum: int = _f(4, "Gradient accumulation steps.", min=1)
+    num_epochs: float = _f(1.0, "Training epochs.", min_excl=0.0)
+    max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: run num_epochs).", min=-1)
+    lr_scheduler: str = _f("cosine", "Learning-rate schedule (transformers name).")
+    warmup_ratio: float = _f(0.05, "Share of steps for warm-up.", min=0.0, max=1.0)
+    weight_decay: float = _f(0.001, "Weight decay.", min=0.0)
+    optim: str = _f("paged_adamw_8bit", "Optimizer (transformers name).")
+    max_grad_norm: float = _f(0.3, "Gradient clipping norm.", min_excl=0.0)
+    gradient_checkpointing: bool = _f(True, "Recompute activations to save memory.")
+    group_by_length: bool = _f(False, "Batch examples of similar length (less padding).")
+    logging_steps: int = _f(25, "Log training loss every N steps.", min=1)
+    eval_steps: int = _f(100, "Validate every N steps.", min=1)
+    save_steps: int = _f(200, "Checkpoint every N steps.", min=1)
+    load_best_model: bool = _f(True, "Keep the checkpoint with the best validation loss.")
+    completion_only_loss: bool = _f(True, "Loss on answer tokens only (False: original full-sequence loss).")
+    seed: int = _f(42, "Training seed.")
+    report_to: str = _f("none", "Training logger: none or tensorboard.", choices=("none", "tensorboard"))
+    resume: str = _f("auto", "auto: continue from this config's newest checkpoint; never: start fresh.",
+                     choices=("auto", "never"))
+    # --- evaluation ---
+    eval_size: int | str = _f(20, "Test questions to generate answers for (an int, or 'all').")
+    eval_max_new_tokens: int = _f(150, "New-token limit of evaluation answers (greedy).", min=1)
+    ppl_size: int | str = _f(50, "Test texts for perplexity (an int, or 'all').")
+    gen_batch_size: int = _f(8, "Batch size of generation and perplexity.", min=1)
+    bootstrap_samples: int = _f(1000, "Bootstrap resamples for confidence intervals.", min=10)
+    # --- qualitative ---
+    prompts: list[str] = _f([], "Extra prompts for 05_qualitative, besides the six standard ones.")
+    qual_temperature: float = _f(0.3, "Sampling temperature of qualitative answers.", min_excl=0.0)
+    qual_top_p: float = _f(0.9, "Nucleus sampling top_p.", min_excl=0.0, max=1.0)
+    qual_repetition_penalty: float = _f(1.15, "Repetition penalty.", min_excl=0.0)
+    qual_max_new_tokens: int = _f(256, "New-token limit of qualitative answers.", min=1)
+    qual_seed: int = _f(42, "Sampling seed, so a rerun gives the same text.")
+    progress: bool = _f(True, "Show progress bars (kept quiet in headless runs).")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            object.__setattr__(self, f.name, _coerce(f, getattr(self, f.name)))
+        total = self.train_frac + self.val_frac + self.test_frac
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ConfigError(
+                f"train_frac + val_frac + test_frac must sum to 1, got {total:g} "
+                f"({self.train_frac:g} + {self.val_frac:g} + {self.test_frac:g})."
+            )
+        if self.train_frac <= 0:
+            raise ConfigError("train_frac must be > 0: there would be nothing to train on.")
+        if not self.experiment or "/" in self.experiment or self.experiment.startswith("."):
+            raise ConfigError(f"experiment must be a plain directory name, got {self.experiment!r}.")
+
+    # --- derived ---
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self, scope: str = "all") -> str:
+        """A short hash of the fields that define an artifact: ``data``, ``train`` or ``all``."""
+        names = {"data": DATA_FIELDS, "train": TRAIN_FIELDS}.get(scope)
+        if names is None:
+            if scope != "all":
+                raise ValueError(f"unknown fingerprint scope {scope!r}")
+            names = tuple(f.name for f in fields(self) if f.name not in NON_RESULT_FIELDS)
+        payload = json.dumps({n: getattr(self, n) for n in names}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+    def fingerprints(self) -> dict[str, str]:
+        return {s: self.fingerprint(s) for s in ("data", "train", "all")}
+
+    def replace(self, **changes: Any) -> "ExperimentConfig":
+        _check_names(changes)
+        return dataclasses.replace(self, **changes)
+
+
+FIELDS = {f.name: f for f in fields(ExperimentConfig)}
+
+
+def _check_names(values: Mapping[str, Any]) -> None:
+    for name in values:
+        if name not in FIELDS:
+            close = difflib.get_close_matches(name, FIELDS, n=1, cutoff=0.6)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"Unknown parameter {name!r}.{hint} "
+                "See `papermill --help-notebook notebooks/01_eda.ipynb` or hb_utils/config.py for the list."
+            )
+
+
+def _type_name(f: dataclasses.Field) -> str:
+    return str(f.type).replace("'", "")
+
+
+def _parse_number(name: str, value: Any, kind: type) -> Any:
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be a number, got the boolean {value!r}.")
+    if isinstance(value, str):
+        # YAML 1.1 reads 2e-4 (no dot) as a string; papermill's -p may pass "8" as text.
+        try:
+            value = float(value.strip()) if kind is float else int(value.strip())
+        except ValueError:
+            raise ConfigError(f"{name} must be {'a number' if kind is float else 'an integer'}, got {value!r}.") from None
+    if kind is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}.")
+        return value
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}.")
+    return float(value)
+
+
+def _parse_list(name: str, value: Any) -> list[str]:
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                try:
+                    value = yaml.safe_load(text)
+                except yaml.YAMLError:
+                    raise ConfigError(f"{name}: cannot parse {value!r} as a list; write e.g. "
+                                      f"-y '{name}: [a, b]' or -p {name} 'a,b'.") from None
+        else:
+            value = [part.strip() for part in text.split(",") if part.strip()] if text else []
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{name} must be a list of strings, got {value!r}.")
+    return list(value)
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    """Check one value against its field's type and bounds; return it in canonical form."""
+    name, meta, typ = f.name, f.metadata, _type_name(f)
+    if typ == "list[str]":
+        value = _parse_list(name, value)
+        if name == "lora_target_modules" and not value:
+            raise ConfigError("lora_target_modules must name at least one module, e.g. [q_proj, v_proj].")
+        return value
+    if typ == "int | str":  # a count or 'all'
+        if isinstance(value, str) and value.strip().lower() == "all":
+            return "all"
+        value = _parse_number(name, value, int)
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1 or 'all', got {value}.")
+        return value
+    if typ == "bool":
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}.")
+        return value
+    if typ in ("int", "float"):
+        value = _parse_number(name, value, int if typ == "int" else float)
+        bounds = [("min", lambda v, b: v >= b, ">="), ("max", lambda v, b: v <= b, "<="),
+                  ("min_excl", lambda v, b: v > b, ">"), ("max_excl", lambda v, b: v < b, "<")]
+        for key, ok, sign in bounds:
+            if key in meta and not ok(value, meta[key]):
+                raise ConfigError(f"{name} must be {sign} {meta[key]}, got {value}.")
+        return value
+    if typ == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r} ({type(value).__name__}).")
+        if "choices" in meta and value not in meta["choices"]:
+            raise ConfigError(f"{name} must be one of {', '.join(meta['choices'])}; got {value!r}.")
+        return value
+    raise TypeError(f"config field {name} has unsupported type {typ}")  # a bug in this module
+
+
+def read_params_file(path: str | Path) -> dict[str, Any]:
+    """Read a flat YAML parameter file (the same file papermill takes with ``-f``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Parameter file {str(path)!r} does not exist. Pass a file from params/, e.g. params/smoke.yaml.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Parameter file {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"Parameter file {str(path)!r} must be a flat mapping of name: value.")
+    return data
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> ExperimentConfig:
+    """Build the config from an optional YAML file plus keyword overrides (overrides win)."""
+    values = read_params_file(path) if path is not None else {}
+    values.update(overrides)
+    _check_names(values)
+    return ExperimentConfig(**values)
+
+
+# Names IPython/Jupyter put into a notebook's namespace that are not parameters.
+_NOTEBOOK_NAMES = {"In", "Out", "exit", "quit", "get_ipython", "open"}
+
+
+def config_from_namespace(namespace: Mapping[str, Any]) -> ExperimentConfig:
+    """Build the config from a notebook's globals after the parameters cell.
+
+    Papermill injects parameters as plain assignments and only warns about names the notebook does
+    not declare; this picks up every plain value the parameters (and injected-parameters) cells
+    defined, so an unknown name such as ``lora_rr`` fails here instead of being ignored.
+    """
+    values = {
+        k: v for k, v in namespace.items()
+        if not k.startswith("_") and k not in _NOTEBOOK_NAMES
+        and isinstance(v, (str, int, float, bool, list, tuple, type(None)))
+    }
+    _check_names(values)
+    return ExperimentConfig(**values)
+
+
+def parameters_cell_source() -> str:
+    """The canonical parameters cell: one ``name = default  # help`` line per field."""
+    lines = []
+    for f in fields(ExperimentConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"{f.name} = {default!r}  # {f.metadata['help']}")
+    return "\n".join(lines)
