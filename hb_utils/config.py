@@ -49,7 +49,7 @@ TRAIN_FIELDS = DATA_FIELDS + (
     "load_best_model", "completion_only_loss", "seed",
 )
 # Bookkeeping only: never part of any fingerprint.
-NON_RESULT_FIELDS = ("experiment", "output_root", "report_to", "resume", "progress")
+NON_RESULT_FIELDS = ("experiment", "output_root", "overwrite", "report_to", "resume", "progress")
 
 
 def _f(default: Any, help: str, **meta: Any) -> Any:
@@ -67,6 +67,7 @@ class ExperimentConfig:
     # --- run ---
     experiment: str = _f("exp1", "Run name: artifacts go to <output_root>/<experiment>/.")
     output_root: str = _f("outputs", "Where run directories live (relative paths: to the repo root).")
+    overwrite: bool = _f(False, "Replace artifacts of a different config in this run directory.")
     # --- data ---
     dataset: str = _f("lavita/MedQuAD", "Hub dataset id, MedQuAD XML release dir, or .parquet/.jsonl/.csv file.")
     dataset_split: str = _f("train", "Split of a Hub dataset to load.")
@@ -85,7 +86,7 @@ class ExperimentConfig:
                        choices=("row", "question", "focus"))
     # --- model ---
     model_name: str = _f("TinyLlama/TinyLlama-1.1B-Chat-v1.0",
-                         "Hub id, local model dir, or the alias smollm2-135m-instruct (offline).")
+                         "Hub id, local model dir, or the offline alias smollm2-135m-instruct.")
     max_length: int = _f(512, "Maximum tokens per training example.", min=16)
     load_in_4bit: bool = _f(True, "Quantize the base model to 4-bit (QLoRA).")
     bnb_4bit_quant_type: str = _f("nf4", "4-bit quantization type.", choices=("nf4", "fp4"))
@@ -94,7 +95,7 @@ class ExperimentConfig:
                             choices=("auto", "bf16", "fp16", "fp32"))
     # --- LoRA ---
     lora_r: int = _f(8, "LoRA rank.", min=1)
-    lora_alpha: int = _f(16, "LoRA alpha (scale = alpha / r).", min=1)
+    lora_alpha: int = _f(16, "LoRA alpha; the adapter output is scaled by alpha / r.", min=1)
     lora_dropout: float = _f(0.05, "LoRA dropout, in [0, 1).", min=0.0, max_excl=1.0)
     lora_target_modules: list[str] = _f(LORA_TARGETS, "Module names that get LoRA adapters.")
     # --- training ---
@@ -309,9 +310,13 @@ def config_from_namespace(namespace: Mapping[str, Any]) -> ExperimentConfig:
 
 
 def parameters_cell_source() -> str:
-    """The canonical parameters cell: one ``name = default  # help`` line per field."""
+    """The canonical parameters cell: one ``name: type = default  # help`` line per field
+    (the form ``papermill --help-notebook`` documents)."""
     lines = []
     for f in fields(ExperimentConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        lines.append(f"{f.name} = {default!r}  # {f.metadata['help']}")
+        typ = _type_name(f)
+        # papermill's parser accepts no "|" in annotations; a quoted annotation is never evaluated.
+        typ = '"Union[int, str]"' if typ == "int | str" else typ
+        lines.append(f"{f.name}: {typ} = {default!r}  # {f.metadata['help']}")
     return "\n".join(lines)

@@ -28,6 +28,27 @@ PARAMS_HEADER = (
 )
 
 
+# The first code cell of every notebook: makes `hb_utils` importable on Colab, does nothing elsewhere.
+COLAB_SETUP = """\
+# Colab: install this repository's package first (README, "Colab"). Does nothing where hb_utils is installed.
+import importlib.util
+import sys
+
+if importlib.util.find_spec("hb_utils") is None and "google.colab" in sys.modules:
+    get_ipython().run_line_magic("pip", "install -q -e ..")  # run from the cloned repository's notebooks/
+"""
+CONFIG_CELL = """\
+from hb_utils.config import config_from_namespace
+
+cfg = config_from_namespace(globals())  # validates every parameter above; unknown names fail here
+"""
+
+
+def standard_head(title_md: str) -> list[tuple[str, str]]:
+    """Title, Colab setup, parameters and validated config: the same first cells in every notebook."""
+    return [("md", title_md), ("code", COLAB_SETUP), ("params", ""), ("code", CONFIG_CELL)]
+
+
 def params_cell() -> nbformat.NotebookNode:
     cell = nbformat.v4.new_code_cell(PARAMS_HEADER + parameters_cell_source())
     cell.metadata["tags"] = ["parameters"]

@@ -1,0 +1,139 @@
+import dataclasses
+
+import pytest
+
+from hb_utils.config import (
+    FIELDS,
+    LORA_TARGETS,
+    SYSTEM_PROMPT,
+    ConfigError,
+    ExperimentConfig,
+    config_from_namespace,
+    load_config,
+    parameters_cell_source,
+)
+from tests.conftest import ROOT
+
+
+def test_defaults_are_experiment_1():
+    c = ExperimentConfig()
+    assert c.model_name == "TinyLlama/TinyLlama-1.1B-Chat-v1.0" and c.dataset == "lavita/MedQuAD"
+    assert c.system_prompt == SYSTEM_PROMPT and c.system_prompt.startswith("You are HealthBot")
+    assert (c.min_question_chars, c.min_answer_chars, c.max_answer_words) == (10, 20, 300)
+    assert (c.sample_size, c.sample_seed, c.split_seed) == (1500, 42, 42)
+    assert (c.train_frac, c.val_frac, c.test_frac, c.max_length) == (0.8, 0.1, 0.1, 512)
+    assert c.load_in_4bit and c.bnb_4bit_quant_type == "nf4" and c.bnb_4bit_double_quant
+    assert (c.lora_r, c.lora_alpha, c.lora_dropout) == (8, 16, 0.05) and c.lora_target_modules == LORA_TARGETS
+    assert (c.learning_rate, c.batch_size, c.eval_batch_size, c.grad_accum, c.num_epochs) == (2e-4, 2, 2, 4, 1.0)
+    assert (c.lr_scheduler, c.warmup_ratio, c.weight_decay, c.optim) == ("cosine", 0.05, 0.001, "paged_adamw_8bit")
+    assert (c.max_grad_norm, c.gradient_checkpointing) == (0.3, True)
+    assert (c.logging_steps, c.eval_steps, c.save_steps, c.load_best_model) == (25, 100, 200, True)
+    assert (c.eval_size, c.eval_max_new_tokens, c.ppl_size) == (20, 150, 50)
+    assert (c.qual_temperature, c.qual_top_p, c.qual_repetition_penalty, c.qual_max_new_tokens) == (0.3, 0.9, 1.15, 256)
+
+
+def test_every_field_has_help_and_snake_case_name():
+    for f in dataclasses.fields(ExperimentConfig):
+        assert f.metadata.get("help"), f.name
+        assert f.name == f.name.lower() and " " not in f.name
+
+
+def test_exp1_yaml_equals_defaults():
+    c = load_config(ROOT / "params" / "exp1.yaml")
+    assert c == ExperimentConfig()
+
+
+def test_every_params_file_is_valid():
+    files = sorted((ROOT / "params").glob("*.yaml"))
+    assert len(files) >= 2
+    for path in files:
+        load_config(path)  # raises ConfigError on any problem
+
+
+@pytest.mark.parametrize("value", ["2e-4", "2E-4", 0.0002, "0.0002"])
+def test_yaml_1_1_scientific_notation_is_a_number(tmp_path, value):
+    p = tmp_path / "x.yaml"
+    p.write_text(f"learning_rate: {value}\n")
+    c = load_config(p)
+    assert isinstance(c.learning_rate, float) and c.learning_rate == pytest.approx(2e-4)
+
+
+def test_unknown_key_suggests_the_right_name():
+    with pytest.raises(ConfigError, match=r"Unknown parameter 'lora_rr'.*Did you mean 'lora_r'"):
+        load_config(lora_rr=4)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "pattern"),
+    [
+        ({"lora_r": 0}, r"lora_r must be >= 1"),
+        ({"lora_r": "eight"}, r"lora_r must be an integer"),
+        ({"lora_r": 2.5}, r"lora_r must be an integer"),
+        ({"lora_r": True}, r"lora_r must be a number"),
+        ({"learning_rate": 0}, r"learning_rate must be > 0"),
+        ({"learning_rate": "fast"}, r"learning_rate must be a number"),
+        ({"learning_rate": float("nan")}, r"learning_rate must be a finite number"),
+        ({"lora_dropout": 1.0}, r"lora_dropout must be < 1"),
+        ({"lora_dropout": -0.1}, r"lora_dropout must be >= 0"),
+        ({"train_frac": 0.7}, r"must sum to 1"),
+        ({"sample_size": 0}, r"sample_size must be >= 1"),
+        ({"split_by": "doc"}, r"split_by must be one of row, question, focus"),
+        ({"load_in_4bit": "yes"}, r"load_in_4bit must be true or false"),
+        ({"model_name": 7}, r"model_name must be a string"),
+        ({"eval_size": 0}, r"eval_size must be >= 1 or 'all'"),
+        ({"lora_target_modules": []}, r"at least one module"),
+        ({"lora_target_modules": [1, 2]}, r"must be a list of strings"),
+        ({"experiment": "../x"}, r"plain directory name"),
+    ],
+)
+def test_bad_values_name_the_parameter(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(**overrides)
+
+
+def test_lists_from_strings_are_parsed():
+    assert load_config(lora_target_modules="q_proj, v_proj").lora_target_modules == ["q_proj", "v_proj"]
+    assert load_config(lora_target_modules='["q_proj","k_proj"]').lora_target_modules == ["q_proj", "k_proj"]
+    with pytest.raises(ConfigError, match="cannot parse"):
+        load_config(lora_target_modules="[q_proj,")
+
+
+def test_eval_size_all_and_string_numbers():
+    assert load_config(eval_size="all").eval_size == "all"
+    assert load_config(eval_size="32").eval_size == 32
+    assert load_config(load_in_4bit="False").load_in_4bit is False
+
+
+def test_missing_and_malformed_params_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="flat mapping"):
+        load_config(bad)
+
+
+def test_fingerprints_track_the_right_fields():
+    base = ExperimentConfig()
+    assert base.fingerprint("data") == ExperimentConfig(experiment="other").fingerprint("data")
+    assert base.fingerprints() == ExperimentConfig(experiment="other", progress=False).fingerprints()
+    lr = base.replace(learning_rate=1e-3)
+    assert lr.fingerprint("data") == base.fingerprint("data")
+    assert lr.fingerprint("train") != base.fingerprint("train")
+    ev = base.replace(eval_size=40)
+    assert ev.fingerprint("train") == base.fingerprint("train") and ev.fingerprint("all") != base.fingerprint("all")
+    assert base.replace(sample_size=10).fingerprint("data") != base.fingerprint("data")
+
+
+def test_namespace_from_a_notebook_catches_unknown_names():
+    ns = {"In": [], "get_ipython": print, "lora_r": 4, "_private": 1, "config_from_namespace": config_from_namespace}
+    assert config_from_namespace(ns).lora_r == 4
+    with pytest.raises(ConfigError, match="Did you mean 'lora_alpha'"):
+        config_from_namespace({**ns, "lora_alpah": 32})
+
+
+def test_parameters_cell_round_trips():
+    ns: dict = {}
+    exec(parameters_cell_source(), {}, ns)
+    assert {k for k in ns if not k.startswith("_")} == set(FIELDS)
+    assert config_from_namespace(ns) == ExperimentConfig()

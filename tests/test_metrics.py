@@ -1,0 +1,250 @@
+"""Metrics on fixed strings with known values, the bootstrap, behaviour flags, and perplexity on a
+tiny randomly initialised Llama (batched == one at a time == the model's own loss)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from hb_utils import metrics as M
+
+# rouge-score README example: score(target, prediction)
+TARGET = "The quick brown fox jumps over the lazy dog"
+PRED = "The quick brown dog jumps on the log."
+
+
+def test_rouge_known_values():
+    r = M.rouge_per_example([PRED], [TARGET])
+    # unigrams: 6 of 8 predicted, 6 of 9 reference -> F = 2*(6/8)*(6/9)/(6/8+6/9)
+    assert r["rouge1"][0] == pytest.approx(2 * 0.75 * (6 / 9) / (0.75 + 6 / 9))
+    assert r["rouge1"][0] == pytest.approx(0.70588, abs=1e-5)
+    # bigrams: "the quick", "quick brown" -> P 2/7, R 2/8 -> F 4/15
+    assert r["rouge2"][0] == pytest.approx(4 / 15)
+    # LCS "the quick brown jumps the" = 5 -> P 5/8, R 5/9
+    assert r["rougeL"][0] == pytest.approx(2 * (5 / 8) * (5 / 9) / (5 / 8 + 5 / 9))
+    assert r["rougeL"][0] == pytest.approx(0.58824, abs=1e-5)
+
+
+def test_rouge_identical_and_disjoint():
+    r = M.rouge_per_example(["Insulin lowers blood sugar.", "alpha beta"], ["Insulin lowers blood sugar.", "gamma delta"])
+    for k in M.ROUGE_TYPES:
+        assert r[k][0] == pytest.approx(1.0)
+        assert r[k][1] == 0.0
+
+
+def test_rouge_stemming():
+    r = M.rouge_per_example(["running dogs"], ["run dog"])
+    assert r["rouge1"][0] == pytest.approx(1.0)
+
+
+def test_rouge_lsum_uses_sentences():
+    ref, pred = "A b c. D e f.", "D e f. A b c."
+    assert M.sentences_per_line(ref) == "A b c.\nD e f."
+    r = M.rouge_per_example([pred], [ref])
+    assert r["rougeL"][0] == pytest.approx(0.5)  # LCS over the whole text: 3 of 6 tokens
+    assert r["rougeLsum"][0] == pytest.approx(1.0)  # union LCS sentence by sentence
+
+
+def test_bleu_hand_computed():
+    # 1-4 gram precisions 5/6, 3/5, 2/4, 1/3; equal lengths -> BP = 1
+    bleu = M.corpus_bleu(["the cat sat on the mat"], ["the cat sat on a mat"])
+    assert bleu == pytest.approx(100 * (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25, abs=1e-6)
+    assert M.corpus_bleu(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(100.0)
+    assert M.corpus_bleu(["alpha beta gamma delta"], ["one two three four"]) == 0.0
+
+
+def test_bleu_statistics_match_corpus_bleu_on_resamples():
+    preds = ["the cat sat on the mat", "a dog barked loudly at night", "blood pressure is high", "take insulin daily"]
+    refs = ["the cat sat on a mat", "the dog barked at night", "high blood pressure", "insulin is taken every day"]
+    stats = M.bleu_statistics(preds, refs)
+    assert M.bleu_from_statistics(stats) == pytest.approx(M.corpus_bleu(preds, refs))
+    for idx in M.bootstrap_indices(4, 5, seed=1):
+        expected = M.corpus_bleu([preds[i] for i in idx], [refs[i] for i in idx])
+        assert M.bleu_from_statistics(stats[idx]) == pytest.approx(expected)
+
+
+def test_bootstrap_is_seeded_and_brackets_value():
+    values = np.linspace(0, 1, 50)
+    stat = M.mean_statistic(values)
+    a = M.bootstrap_ci(stat, 50, samples=300, seed=7)
+    assert a == M.bootstrap_ci(stat, 50, samples=300, seed=7)
+    assert a != M.bootstrap_ci(stat, 50, samples=300, seed=8)
+    assert a["value"] == pytest.approx(0.5)
+    assert a["ci_low"] < 0.5 < a["ci_high"]
+    assert a["ci_high"] - a["ci_low"] < 0.4
+
+
+def test_paired_bootstrap_uses_the_same_indices():
+    rng = np.random.default_rng(0)
+    base = rng.random(40)
+    new = base + 0.1  # every example exactly 0.1 better: a paired resample sees exactly +0.1
+    d = M.paired_bootstrap(M.mean_statistic(base), M.mean_statistic(new), 40, samples=200, seed=3)
+    assert d["delta"] == pytest.approx(0.1)
+    assert d["ci_low"] == pytest.approx(0.1) and d["ci_high"] == pytest.approx(0.1)
+    assert d["p_not_better"] == 0.0
+    same = M.paired_bootstrap(M.mean_statistic(base), M.mean_statistic(base), 40, samples=50, seed=3)
+    assert same["delta"] == 0 and same["ci_low"] == 0 and same["ci_high"] == 0
+
+
+def test_compare_systems_covers_every_metric():
+    refs = ["insulin lowers blood sugar", "asthma narrows the airways", "see your doctor"]
+    base, _ = M.generation_statistics(["sugar", "", "no"], refs, [1, 0, 1], [True, False, True])
+    new, per = M.generation_statistics(refs, refs, [4, 4, 3], [True, True, True])
+    out = M.compare_systems(base, new, 3, samples=50, seed=0)
+    assert set(out) == {*M.ROUGE_TYPES, "bleu", "stopped", "words", "tokens", "disclaimer", "empty_or_loop"}
+    assert out["rougeL"]["finetuned"]["value"] == pytest.approx(1.0)
+    assert out["bleu"]["finetuned"]["value"] == pytest.approx(100.0)
+    assert out["stopped"]["base"]["value"] == pytest.approx(2 / 3)
+    assert out["empty_or_loop"]["base"]["value"] == pytest.approx(1 / 3)
+    assert per["disclaimer"].tolist() == [0, 0, 1]
+    assert out["rougeL"]["delta"]["delta"] > 0
+
+
+@pytest.mark.parametrize("text", [
+    "Please consult your doctor.", "Talk to a healthcare provider before changing doses.",
+    "A physician can help.", "Seek medical attention if symptoms persist.", "see your pharmacist",
+])
+def test_disclaimer_positive(text):
+    assert M.has_disclaimer(text)
+
+
+@pytest.mark.parametrize("text", ["Type 2 diabetes raises blood sugar.", "The capital of France is Paris.", ""])
+def test_disclaimer_negative(text):
+    assert not M.has_disclaimer(text)
+
+
+@pytest.mark.parametrize("text", [
+    "I am sorry. I am sorry. I am sorry.",
+    "The answer is the answer is the answer is the answer is",
+    "no " * 12,
+    "!!!!!!!!!!!!",
+    " ".join(["Diabetes is a disease.", "It affects sugar.", "Diabetes is a disease.", "It affects sugar.",
+              "It is common.", "Diabetes is a disease.", "It affects sugar.", "It is common."] * 2),
+])
+def test_loop_positive(text):
+    assert M.is_looping(text)
+
+
+@pytest.mark.parametrize("text", [
+    "very very very good",
+    "Type 2 diabetes is a chronic condition in which the body does not use insulin well. Symptoms include "
+    "thirst, frequent urination, tiredness and blurred vision. Treatment includes diet, exercise and medicine.",
+    "1. Eat well. 2. Sleep well. 3. Move more.",
+    "",
+])
+def test_loop_negative(text):
+    assert not M.is_looping(text)
+
+
+def test_behaviour_per_example():
+    b = M.behaviour_per_example(["  ", "Ask your doctor now.", "go go go go go go go go go go"],
+                                [0, 5, 10], [False, True, False])
+    assert b["empty_or_loop"].tolist() == [1, 0, 1]
+    assert b["words"].tolist() == [0, 4, 10]
+    assert b["tokens"].tolist() == [0, 5, 10]
+    assert b["disclaimer"].tolist() == [0, 1, 0]
+    assert b["stopped"].tolist() == [0, 1, 0]
+
+
+def test_select_first():
+    recs = [{"id": str(i)} for i in range(5)]
+    assert [r["id"] for r in M.select_first(recs, 3)] == ["0", "1", "2"]
+    assert M.select_first(recs, "all") == recs
+    assert len(M.select_first(recs, 99)) == 5
+    with pytest.raises(ValueError):
+        M.select_first(recs, 0)
+
+
+def test_implementations_name_versions():
+    impl = M.implementations()
+    assert "rouge-score 0.1.2" in impl["rouge"]
+    assert "sacrebleu" in impl["bleu"] and "tok:13a" in impl["bleu"]
+
+
+# --------------------------------------------------------------------------- perplexity
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _conv(q: str, a: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": "You are HealthBot."}, {"role": "user", "content": q},
+            {"role": "assistant", "content": a}]
+
+
+CONVS = [
+    _conv("What is asthma?", "Asthma is a chronic disease of the airways."),
+    _conv("What are the symptoms of type 2 diabetes?", "Thirst, frequent urination and tiredness. See a doctor."),
+    _conv("Is BMI 28 high?", "It is overweight."),
+    _conv("How does hypertension affect the heart?", "High blood pressure makes the heart work harder and can "
+          "thicken its muscle over many years, raising the risk of heart failure."),
+    _conv("Hi", "Hello."),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    corpus = [m["content"] for c in CONVS for m in c] * 3
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0))
+    return model.eval(), tokenizer
+
+
+def test_prompt_is_masked(tiny):
+    _, tokenizer = tiny
+    ids, n_prompt = M.tokenize_for_perplexity(tokenizer, CONVS[0])
+    assert tokenizer.decode(ids[:n_prompt]).endswith("<|im_start|>assistant\n")
+    assert tokenizer.decode(ids[n_prompt:]) == "Asthma is a chronic disease of the airways.<|im_end|>\n"
+
+
+def test_batched_equals_one_at_a_time_and_model_loss(tiny):
+    model, tokenizer = tiny
+    batched = M.token_nll(model, tokenizer, CONVS, batch_size=4, progress=False)
+    single = M.token_nll(model, tokenizer, CONVS, batch_size=1, progress=False)
+    for k in batched:
+        np.testing.assert_allclose(batched[k], single[k], rtol=1e-5)
+    # independent check against the model's own loss, one example at a time
+    for i, conv in enumerate(CONVS):
+        ids, n_prompt = M.tokenize_for_perplexity(tokenizer, conv)
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            full = model(input_ids=x, labels=x).loss.item()
+            labels = x.clone()
+            labels[0, :n_prompt] = -100
+            ans = model(input_ids=x, labels=labels).loss.item()
+        assert batched["full_nll"][i] / batched["full_tokens"][i] == pytest.approx(full, rel=1e-5)
+        assert batched["answer_nll"][i] / batched["answer_tokens"][i] == pytest.approx(ans, rel=1e-5)
+        assert batched["answer_tokens"][i] == len(ids) - n_prompt
+        assert batched["full_tokens"][i] == len(ids) - 1
+
+
+def test_perplexity_variants(tiny):
+    model, tokenizer = tiny
+    nll = M.token_nll(model, tokenizer, CONVS, batch_size=2, progress=False)
+    rep = M.perplexity_report(nll, samples=100, seed=0)
+    weighted = rep["answer_token_weighted"]
+    assert weighted["value"] == pytest.approx(math.exp(nll["answer_nll"].sum() / nll["answer_tokens"].sum()))
+    assert weighted["ci_low"] <= weighted["value"] <= weighted["ci_high"]
+    orig = rep["original_per_example_full_text"]
+    assert orig["label"] == "original (per-example mean, full text)"
+    losses = nll["full_nll"] / nll["full_tokens"]
+    assert orig["ppl"] == pytest.approx(math.exp(np.mean(losses)))
+    assert orig["mean_example_ppl"] == pytest.approx(np.mean(np.exp(losses)))
+    # a random model over a ~400-token vocabulary: perplexity in the hundreds, not ~1
+    assert 50 < weighted["value"] < 2000
