@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import matplotlib.pyplot as plt
@@ -51,7 +51,7 @@ LABELS = {
 
 def _stamp(cfg: ExperimentConfig) -> dict[str, Any]:
     return {"experiment": cfg.experiment, "fingerprints": cfg.fingerprints(),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "created": datetime.now(UTC).isoformat(timespec="seconds")}
 
 
 def _generate(model: Any, tokenizer: Any, questions: list[str], cfg: ExperimentConfig, **kw: Any) -> list[GenResult]:

@@ -1,0 +1,86 @@
+"""The ``hb`` command (also ``python -m hb_utils``).
+
+    hb run params/smoke.yaml [-p lora_r 16 ...] [--from 03 | --only 04] [--overwrite]
+    hb compare outputs/smoke outputs/smoke_r16 [--out outputs/compare]
+
+Why: papermill only warns on unknown parameters and reads YAML 1.1; ``hb run`` validates the whole
+config before any notebook starts and exits with status 2 naming the bad parameter, status 1 when
+a notebook fails (its partial report is kept), 0 when every stage finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+import yaml
+
+from hb_utils.errors import HBError
+
+
+def _parse_value(text: str) -> object:
+    """A ``-p`` value as YAML would read it (numbers, booleans, lists); the config then validates it."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hb", description="HealthBot experiment kit")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="execute notebooks 01-05 for one experiment")
+    run.add_argument("params", help="parameter file, e.g. params/smoke.yaml")
+    run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                     help="override one parameter (repeatable), e.g. -p lora_r 16")
+    group = run.add_mutually_exclusive_group()
+    group.add_argument("--from", dest="start", metavar="NN", help="(re)run from this stage on, e.g. --from 03")
+    group.add_argument("--only", metavar="NN", help="(re)run just this stage, e.g. --only 04")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace a run of a different config in the same directory (the old one is kept aside)")
+    run.add_argument("--kernel", default="python3", help="Jupyter kernel to execute with (default: python3)")
+    cmp = sub.add_parser("compare", help="compare finished runs")
+    cmp.add_argument("runs", nargs="+", help="run directories, e.g. outputs/exp1 outputs/exp2")
+    cmp.add_argument("--out", default=None, help="output directory (default: outputs/compare)")
+    cmp.add_argument("--no-report", action="store_true", help="write the tables and plots only, no executed 06 notebook")
+    cmp.add_argument("--kernel", default="python3", help="Jupyter kernel for the 06_compare report")
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from hb_utils.config import load_config
+    from hb_utils.runner import run_experiment
+
+    overrides = {name: _parse_value(value) for name, value in args.parameter}
+    cfg = load_config(args.params, **overrides)  # ConfigError before any notebook starts
+    print(f"experiment {cfg.experiment}: model {cfg.model_name}, data {cfg.dataset}, fingerprint {cfg.fingerprint()}")
+    t0 = time.perf_counter()
+    results = run_experiment(cfg, start=args.start, only=args.only, overwrite=args.overwrite, kernel=args.kernel)
+    failed = [r for r in results if r.status == "failed"]
+    print(f"{'failed' if failed else 'finished'} in {time.perf_counter() - t0:.0f}s; reports in "
+          f"{results[0].report.parent if results and results[0].report else '-'}")
+    return 1 if failed else 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from hb_utils.compare import compare_runs
+
+    out = compare_runs(args.runs, out_dir=args.out, report=not args.no_report, kernel=args.kernel)
+    for name, path in out.items():
+        print(f"{name:10s} {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"run": cmd_run, "compare": cmd_compare}[args.command](args)
+    except HBError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
