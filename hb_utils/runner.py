@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -131,7 +131,7 @@ def open_run(cfg: ExperimentConfig, *, overwrite: bool = False) -> RunState:
     payload = {
         "experiment": cfg.experiment, "config": cfg.to_dict(), "fingerprints": cfg.fingerprints(),
         "git_commit": git_commit(), "packages": package_versions(), "hardware": hardware(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "stages": {},
+        "created": datetime.now(UTC).isoformat(timespec="seconds"), "stages": {},
     }
     state = RunState(run.config_json, payload)
     state.save()
@@ -210,4 +210,4 @@ def run_experiment(cfg: ExperimentConfig, *, start: str | None = None, only: str
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
