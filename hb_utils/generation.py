@@ -1,0 +1,135 @@
+"""Batched chat generation: the model's chat template, left padding, new tokens only, stop at end-of-turn.
+
+Why: the original notebook generated one question at a time, decoded the prompt together with the
+answer and split the text on a marker; it also padded with eos, so the model never learned to stop
+and answers ran to the token limit. Here every prompt is rendered with the tokenizer's own chat
+template (``add_generation_prompt=True``), prompts are batched with LEFT padding (a decoder-only
+model continues from the last position, so padding must not sit between prompt and answer), only
+the new tokens are decoded, and generation stops at the template's end-of-turn token.
+
+Batched greedy output equals one-at-a-time greedy output (``tests/test_generation.py`` checks it
+on the real SmolLM2). What makes that hold: the attention mask hides the left padding, and
+``generate`` derives ``position_ids`` from the attention mask (cumsum - 1), so a padded prompt sees
+the same positions as an unpadded one. What can still break it is arithmetic, not masking: a
+padded batch runs matmuls of another shape, whose float rounding differs in the last bits; in
+bf16 (8-bit mantissa) that is enough to flip the argmax where two tokens are nearly tied, so exact
+equality is only guaranteed in fp32 (the test's setting). Sampling is made repeatable by seeding
+before every batch (``transformers.set_seed``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from hb_utils.modeling import stop_token_ids
+from hb_utils.progress import pbar
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+@dataclass
+class GenResult:
+    """One generated answer."""
+
+    text: str  # the answer only: new tokens, special tokens removed, stripped
+    n_new_tokens: int  # tokens generated, including the end-of-turn token when there is one
+    stopped: bool  # True when the model ended its turn (end-of-turn/eos) before max_new_tokens
+
+
+def build_prompt(tokenizer: PreTrainedTokenizerBase, question: str, system_prompt: str) -> str:
+    """The chat-template prompt for ``question`` (with the assistant generation prompt appended).
+
+    An empty ``system_prompt`` leaves the system turn out (the template may then add its default).
+    """
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": question})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    device = getattr(model, "device", None)
+    return device if isinstance(device, torch.device) else next(model.parameters()).device
+
+
+def _split_answer(row: list[int], stops: set[int]) -> tuple[list[int], int, bool]:
+    """The answer ids before the first stop token, the number of generated tokens, and whether it stopped."""
+    for i, tok in enumerate(row):
+        if tok in stops:
+            return row[:i], i + 1, True
+    # No stop token: generate only pads rows that finished, so an unfinished row is all real tokens.
+    return row, len(row), False
+
+
+def generate_answers(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: list[str],
+    system_prompt: str,
+    *,
+    max_new_tokens: int,
+    batch_size: int = 8,
+    do_sample: bool = False,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    progress: bool = True,
+) -> list[GenResult]:
+    """Answer every question with the chat model, ``batch_size`` prompts at a time.
+
+    Greedy by default. With ``do_sample=True``, ``temperature`` / ``top_p`` apply, and a ``seed``
+    makes reruns give the same text (the RNG is reseeded before every batch, so a batch's output
+    does not depend on what ran before). ``repetition_penalty`` applies to both modes. The
+    tokenizer's ``padding_side`` is restored afterwards (training needs right padding), and so is
+    the model's train/eval mode.
+    """
+    from transformers import set_seed
+
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError("max_new_tokens and batch_size must be >= 1")
+    if not questions:
+        return []
+    stops = stop_token_ids(tokenizer)
+    gen_kwargs: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens, "do_sample": do_sample, "eos_token_id": stops,
+        "pad_token_id": tokenizer.pad_token_id, "use_cache": True,
+    }
+    if do_sample:
+        if temperature is not None:
+            gen_kwargs["temperature"] = temperature
+        if top_p is not None:
+            gen_kwargs["top_p"] = top_p
+    else:  # explicit, so a model's generation_config (e.g. temperature=0.7) cannot turn greedy into sampling
+        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    if repetition_penalty is not None:
+        gen_kwargs["repetition_penalty"] = repetition_penalty
+
+    prompts = [build_prompt(tokenizer, q, system_prompt) for q in questions]
+    device = _model_device(model)
+    results: list[GenResult] = []
+    old_side, was_training = tokenizer.padding_side, model.training
+    tokenizer.padding_side = "left"
+    model.eval()
+    try:
+        starts = range(0, len(prompts), batch_size)
+        for start in pbar(starts, total=len(starts), desc="generate", enabled=progress):
+            # The template already holds every special token (e.g. <|im_start|>), hence no extra bos.
+            enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(device)
+            if seed is not None:
+                set_seed(seed)
+            with torch.inference_mode():
+                out = model.generate(**enc, **gen_kwargs)
+            new_tokens = out[:, enc["input_ids"].shape[1]:].tolist()
+            for row in new_tokens:
+                answer, n_new, stopped = _split_answer(row, set(stops))
+                text = tokenizer.decode(answer, skip_special_tokens=True).strip()
+                results.append(GenResult(text=text, n_new_tokens=n_new, stopped=stopped))
+    finally:
+        tokenizer.padding_side = old_side
+        model.train(was_training)
+    return results
