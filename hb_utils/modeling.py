@@ -34,6 +34,7 @@ import shutil
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -106,8 +107,7 @@ def _cache_dir_for(gguf: Path) -> Path:
 def _convert_gguf(gguf: Path, target: Path) -> Path:
     """Dequantize ``gguf`` once and save it as a plain safetensors model directory at ``target``.
 
-    Written into a temporary sibling directory and renamed into place, so a killed conversion
-    never leaves a half cache; when two processes convert at once, the first rename wins.
+    Written through :func:`write_dir_atomically`, so a killed conversion never leaves a half cache.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -131,9 +131,7 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
     tokenizer.model_max_length = config.max_position_embeddings  # the GGUF tokenizer says "unlimited"
     del gguf_model
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    try:
+    def write(tmp: Path) -> None:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / CONVERT_MARKER, {
@@ -141,16 +139,32 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
             "transformers": importlib.metadata.version("transformers"),
             "seconds": round(time.perf_counter() - t0, 1), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         })
+
+    write_dir_atomically(target, write, marker=CONVERT_MARKER)
+    log.info("Converted in %.1f s", time.perf_counter() - t0)
+    return target
+
+
+def write_dir_atomically(target: Path, write: Callable[[Path], None], *, marker: str) -> Path:
+    """Let ``write`` fill a temporary sibling of ``target``, then rename it into place.
+
+    A crash or kill inside ``write`` leaves no ``target`` (and the temporary folder is removed when
+    Python still can); when another process renamed a complete ``target`` (holding ``marker``)
+    first, that one is kept.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    try:
+        write(tmp)
         try:
             tmp.rename(target)
         except OSError:
-            if not (target / CONVERT_MARKER).is_file():
+            if not (target / marker).is_file():
                 raise
-            log.info("Another process finished the conversion first; using %s", target)
+            log.info("Another process finished %s first; keeping it", target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    log.info("Converted in %.1f s", time.perf_counter() - t0)
     return target
 
 

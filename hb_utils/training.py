@@ -27,10 +27,11 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from datasets import Dataset
 from transformers import PrinterCallback, TrainerCallback
@@ -343,8 +344,15 @@ def prepare(cfg: ExperimentConfig, *, callbacks: Sequence[TrainerCallback] = ())
     tokenizer = modeling.load_tokenizer(cfg.model_name)
     model = modeling.load_base_model(cfg, for_training=True)
     callbacks = [NanGuardCallback(), *callbacks]
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, peft_config=modeling.lora_config(cfg), callbacks=callbacks)
+    bars = datasets.is_progress_bar_enabled()
+    if args.disable_tqdm:  # TRL's dataset preparation would print a bar per step into the executed notebook
+        datasets.disable_progress_bars()
+    try:
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                             processing_class=tokenizer, peft_config=modeling.lora_config(cfg), callbacks=callbacks)
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
     if args.disable_tqdm:  # headless: one compact line per log instead of raw dicts
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(CompactLogCallback())
@@ -405,7 +413,9 @@ def fit(run: TrainRun) -> dict[str, Any]:
     metrics = _collect_metrics(run, result.metrics, state0)
     paths.write_json(run.paths.metrics / "train.json", metrics)
     paths.write_json(run.paths.metrics / "log_history.json", trainer.state.log_history)
-    plot_loss_curve(trainer.state.log_history, run.paths.plot("loss_curve"))
+    import matplotlib.pyplot as plt
+
+    plt.close(plot_loss_curve(trainer.state.log_history, run.paths.plot("loss_curve")))  # the notebook shows it
     return metrics
 
 
@@ -493,7 +503,7 @@ def library_versions() -> dict[str, str]:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 # --------------------------------------------------------------------------- plot

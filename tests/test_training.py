@@ -1,0 +1,347 @@
+"""hb_utils.training: completion-only labels on real batches, learning, resume after a kill, guards.
+
+Model tests use the packaged SmolLM2-135M-Instruct (offline) on tiny synthetic data (never MedQuAD
+text) with short sequences and a few optimizer steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hb_utils import modeling, training
+from hb_utils.config import load_config
+from hb_utils.errors import ConfigError, DataError, RunError
+from hb_utils.paths import RunPaths, read_json, write_json
+from tests.conftest import ROOT
+
+ORGANS = ["heart", "lung", "skin", "liver", "kidney", "bone"]
+EOT = "<|im_end|>"  # SmolLM2's end-of-turn token (ChatML)
+
+
+def write_qa(path: Path, n: int) -> Path:
+    """n short synthetic question/answer pairs as a .jsonl data file."""
+    rows = [{"question": f"What is condition number {i} and where does it occur?",
+             "answer": f"Condition {i} is a made-up disorder of the {ORGANS[i % len(ORGANS)]}. Rest usually helps."}
+            for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def small_cfg(tmp_path: Path, n: int = 12, **overrides):
+    """params/smoke.yaml with synthetic data, a tmp output root and tiny sizes."""
+    values = dict(dataset=str(write_qa(tmp_path / "qa.jsonl", n)), output_root=str(tmp_path / "out"),
+                  sample_size=n, split_by="row", max_length=128, batch_size=2, eval_batch_size=4, grad_accum=1,
+                  max_steps=2, logging_steps=1, eval_steps=2, save_steps=2)
+    values.update(overrides)
+    return load_config(ROOT / "params" / "smoke.yaml", **values)
+
+
+# --------------------------------------------------------------------------- fast: data, config, helpers
+def record(q: str, a: str) -> dict:
+    return {"id": q, "messages": [{"role": "system", "content": "S"}, {"role": "user", "content": q},
+                                  {"role": "assistant", "content": a}]}
+
+
+def test_to_prompt_completion_is_conversational_prompt_completion():
+    ds = training.to_prompt_completion([record("Q1?", "A1."), record("Q2?", "A2.")])
+    assert ds.column_names == ["prompt", "completion"]
+    assert [m["role"] for m in ds[0]["prompt"]] == ["system", "user"]
+    assert ds[0]["completion"] == [{"role": "assistant", "content": "A1."}]
+
+
+def test_to_prompt_completion_rejects_records_without_answer():
+    bad = record("Q?", "A.")
+    bad["messages"] = bad["messages"][:2]
+    with pytest.raises(DataError, match="assistant"):
+        training.to_prompt_completion([bad])
+    with pytest.raises(DataError, match="empty"):
+        training.to_prompt_completion([])
+
+
+def test_build_sft_config_takes_every_training_argument_from_cfg(tmp_path):
+    cfg = small_cfg(tmp_path, learning_rate=3e-4, batch_size=3, eval_batch_size=5, grad_accum=2, num_epochs=2.0,
+                    max_steps=7, lr_scheduler="linear", warmup_ratio=0.1, weight_decay=0.01, optim="adamw_torch",
+                    max_grad_norm=0.5, gradient_checkpointing=False, group_by_length=True, logging_steps=3,
+                    eval_steps=4, save_steps=8, load_best_model=True, seed=7, max_length=99,
+                    completion_only_loss=False)
+    args = training.build_sft_config(cfg, compute_dtype=torch.float32)
+    assert Path(args.output_dir) == RunPaths.for_config(cfg).checkpoints
+    assert (args.learning_rate, args.per_device_train_batch_size, args.per_device_eval_batch_size) == (3e-4, 3, 5)
+    assert (args.gradient_accumulation_steps, args.num_train_epochs, args.max_steps) == (2, 2.0, 7)
+    assert args.lr_scheduler_type == "linear" and args.warmup_steps == 0.1
+    assert (args.weight_decay, args.optim, args.max_grad_norm) == (0.01, "adamw_torch", 0.5)
+    assert args.activation_checkpointing is False and args.gradient_checkpointing is False
+    assert args.train_sampling_strategy == "group_by_length"
+    assert (args.logging_steps, args.eval_steps, args.save_steps) == (3, 4, 8)
+    assert args.load_best_model_at_end and args.metric_for_best_model == "eval_loss" and not args.greater_is_better
+    assert (args.seed, args.max_length, args.completion_only_loss) == (7, 99, False)
+    assert not args.bf16 and not args.fp16 and not args.packing and not args.assistant_only_loss
+    assert args.include_num_input_tokens_seen == "non_padding" and args.logging_nan_inf_filter is False
+    bf = training.build_sft_config(cfg.replace(gradient_checkpointing=True), compute_dtype=torch.bfloat16)
+    assert bf.bf16 and not bf.fp16 and bf.activation_checkpointing
+    no_eval = training.build_sft_config(cfg, has_eval=False, compute_dtype=torch.float32)
+    assert no_eval.eval_strategy == "no" and not no_eval.load_best_model_at_end
+
+
+def test_build_sft_config_needs_save_steps_multiple_of_eval_steps(tmp_path):
+    with pytest.raises(ConfigError, match="multiple of eval_steps"):
+        training.build_sft_config(small_cfg(tmp_path, eval_steps=3, save_steps=4), compute_dtype=torch.float32)
+
+
+class StubTokenizer:
+    vocab = {1: "<s>", 2: "Q", 3: "?", 4: "A", 5: "nswer", 6: "</s>", 0: "<pad>"}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(self.vocab[int(i)] for i in ids)
+
+
+def test_mark_supervised_brackets_exactly_the_labelled_span():
+    ids = [1, 2, 3, 4, 5, 6, 0, 0]
+    labels = [-100, -100, -100, 4, 5, 6, -100, -100]
+    mask = [1, 1, 1, 1, 1, 1, 0, 0]
+    assert training.mark_supervised(StubTokenizer(), ids, labels, mask) == "<s>Q?⟦Answer</s>⟧"
+    assert training.supervised_text(StubTokenizer(), torch.tensor(ids), torch.tensor(labels)) == "Answer</s>"
+    assert training.mark_supervised(StubTokenizer(), ids[:6], [-100] * 6) == "<s>Q?Answer</s>"
+
+
+def test_nan_guard_stops_on_nan_or_inf():
+    class Args:
+        learning_rate, max_grad_norm = 1e-3, 0.3
+
+    class State:
+        global_step = 5
+
+    guard = training.NanGuardCallback()
+    guard.on_log(Args(), State(), None, logs={"loss": 1.5, "grad_norm": 0.2})
+    for key, value in [("loss", float("nan")), ("eval_loss", float("inf")), ("grad_norm", float("nan"))]:
+        with pytest.raises(RunError, match=f"{key} = .*step 5.*learning_rate"):
+            guard.on_log(Args(), State(), None, logs={key: value})
+
+
+def test_oom_guard_names_the_parameters_to_lower(tmp_path):
+    cfg = small_cfg(tmp_path, gradient_checkpointing=False)
+    for exc in (torch.OutOfMemoryError("CUDA out of memory"), MemoryError(),
+                RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")):
+        with pytest.raises(RunError) as info, training.oom_guard(cfg):
+            raise exc
+        msg = str(info.value)
+        assert "batch_size" in msg and "max_length" in msg and "gradient_checkpointing=True" in msg
+    with pytest.raises(RuntimeError, match="shape mismatch"), training.oom_guard(cfg):
+        raise RuntimeError("shape mismatch")
+
+
+def test_adapter_of_another_config_is_never_overwritten(tmp_path):
+    cfg = small_cfg(tmp_path)
+    other = cfg.replace(lora_r=16)
+    adapter = RunPaths.for_config(cfg).adapter
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    modeling.write_adapter_meta(other, adapter)
+    with pytest.raises(RunError) as info:
+        training.train(cfg)  # refused before any model is loaded
+    msg = str(info.value)
+    assert other.fingerprint("train") in msg and cfg.fingerprint("train") in msg
+    assert "experiment" in msg and "delete" in msg
+    assert (adapter / "hb_meta.json").is_file() and read_json(adapter / "hb_meta.json")["train_fingerprint"] == \
+        other.fingerprint("train")
+    assert training.check_adapter_slot(cfg.replace(overwrite=True)) == "replace"
+    assert training.check_adapter_slot(other) == "same"
+    (adapter / "hb_meta.json").unlink()  # an adapter of unknown origin is refused too
+    with pytest.raises(RunError, match="unknown"):
+        training.check_adapter_slot(cfg)
+
+
+def test_resume_picks_this_configs_newest_complete_checkpoint(tmp_path):
+    cfg = small_cfg(tmp_path)
+    ckpts = RunPaths.for_config(cfg).checkpoints
+    assert training.resolve_resume(cfg) is None
+    for step, complete in [(2, True), (10, True), (12, False)]:
+        (ckpts / f"checkpoint-{step}").mkdir(parents=True)
+        if complete:
+            write_json(ckpts / f"checkpoint-{step}" / "trainer_state.json", {"global_step": step})
+    write_json(ckpts / training.CHECKPOINT_META, {"train_fingerprint": cfg.fingerprint("train")})
+    assert training.resolve_resume(cfg) == str(ckpts / "checkpoint-10")  # 12 was cut off mid-save
+    other = cfg.replace(learning_rate=1e-3)
+    with pytest.raises(RunError, match=f"{cfg.fingerprint('train')}.*{other.fingerprint('train')}"):
+        training.resolve_resume(other)
+    assert training.resolve_resume(cfg.replace(resume="never")) is None
+    assert not ckpts.exists()
+
+
+def test_plot_loss_curve_saves_png(tmp_path):
+    history = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}, {"step": 2, "eval_loss": 2.7}]
+    fig = training.plot_loss_curve(history, tmp_path / "plots" / "loss.png")
+    assert (tmp_path / "plots" / "loss.png").stat().st_size > 1000
+    assert [line.get_label() for line in fig.axes[0].lines] == ["train loss", "validation loss"]
+
+
+def test_compact_log_prints_one_line_per_event(capsys):
+    class State:
+        global_step, max_steps = 3, 10
+
+    cb = training.CompactLogCallback()
+    cb.on_log(None, State(), None, logs={"loss": 1.23456, "learning_rate": 2e-4})
+    cb.on_log(None, State(), None, logs={"eval_loss": 1.5})
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("[train] step 3/10 | loss 1.2346 | lr 2.00e-04")
+    assert out[1] == "[eval]  step 3/10 | val loss 1.5000"
+
+
+# --------------------------------------------------------------------------- slow: the real model
+@pytest.mark.slow
+def test_real_batch_supervises_exactly_the_answer_and_end_of_turn(tmp_path):
+    cfg = small_cfg(tmp_path, n=8)
+    run = training.prepare(cfg)
+    tok = run.tokenizer
+    assert tok.eos_token == EOT and tok.pad_token_id != tok.eos_token_id
+    train = run.splits["train"]
+    batch = next(iter(run.trainer.get_train_dataloader()))  # collated by the trainer's own collator
+    assert batch["input_ids"].shape[0] == cfg.batch_size
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True):
+        n_real = int(mask.sum())
+        rec = next(r for r in train if r["question"] in tok.decode(ids[:n_real]))
+        # exactly the answer, its end-of-turn token and the newline ChatML puts after it
+        assert training.supervised_text(tok, ids, labels) == rec["answer"] + EOT + "\n"
+        supervised = (labels != -100).nonzero().flatten().tolist()
+        first = supervised[0]
+        assert supervised == list(range(first, n_real))  # one block, up to the last real token; no padding
+        prompt = tok.apply_chat_template(rec["messages"][:2], tokenize=False, add_generation_prompt=True)
+        assert tok.decode(ids[:first]) == prompt  # every prompt token (system, question, header) is masked
+        assert ids[n_real - 2] == tok.eos_token_id  # <|im_end|> is a real, supervised label
+    view = training.example_view(run, 0)
+    assert view.startswith("<|im_start|>system\n") and view.endswith(EOT + "\n⟧")
+    assert view.count("⟦") == 1 and "assistant\n⟦" in view
+
+    # the original behaviour stays reachable: loss on the whole text
+    full = training.prepare(cfg.replace(completion_only_loss=False))
+    ex = full.trainer.data_collator([full.trainer.train_dataset[0]])
+    text = training.supervised_text(tok, ex["input_ids"][0], ex["labels"][0])
+    assert text.startswith("<|im_start|>system\n") and text.endswith(EOT + "\n")
+    assert text == tok.decode(ex["input_ids"][0])
+
+
+@pytest.mark.slow
+def test_training_lowers_the_loss_and_changes_the_output(tmp_path):
+    cfg = small_cfg(tmp_path, n=8, learning_rate=2e-3, lr_scheduler="constant", warmup_ratio=0.0, batch_size=3,
+                    max_steps=8, eval_steps=8, save_steps=8, gradient_checkpointing=False, lora_dropout=0.0)
+    run = training.prepare(cfg)
+    metrics = training.fit(run)
+    losses = [h["loss"] for h in run.trainer.state.log_history if "loss" in h]
+    assert len(losses) == 8
+    assert losses[-1] < 0.6 * losses[0], losses
+    model = run.trainer.model.eval()
+    batch = run.trainer.data_collator([run.trainer.eval_dataset[0]])
+    with torch.no_grad():
+        tuned = model(input_ids=batch["input_ids"]).logits
+        with model.disable_adapter():
+            base = model(input_ids=batch["input_ids"]).logits
+    assert (tuned - base).abs().max() > 1.0
+    assert math.isfinite(metrics["final_val_loss"])
+
+
+@pytest.mark.slow
+def test_train_writes_adapter_metrics_plot_and_the_adapter_reloads(tmp_path, monkeypatch):
+    from hb_utils import generation
+
+    cfg = small_cfg(tmp_path)
+    metrics = training.train(cfg)
+    run = RunPaths.for_config(cfg)
+    for f in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json", "hb_meta.json"):
+        assert (run.adapter / f).is_file(), f
+    assert read_json(run.adapter / "hb_meta.json")["train_fingerprint"] == cfg.fingerprint("train")
+    assert read_json(run.checkpoints / training.CHECKPOINT_META)["train_fingerprint"] == cfg.fingerprint("train")
+    saved = read_json(run.metrics / "train.json")
+    assert saved["global_step"] == 2 and saved["n_train_truncated"] == 0
+    assert math.isfinite(saved["best_val_loss"]) and math.isfinite(saved["final_train_loss"])
+    assert saved["tokens_per_second"] > 0 and saved["peak_memory"]["gb"] > 0
+    assert 0 < saved["parameters"]["trainable"] < saved["parameters"]["total"]
+    assert saved["fingerprints"] == cfg.fingerprints() and saved["versions"]["trl"]
+    assert [h["step"] for h in read_json(run.metrics / "log_history.json") if "loss" in h] == [1, 2]
+    assert run.plot("loss_curve").stat().st_size > 1000
+    assert not run.adapter.with_name("adapter.partial").exists()
+
+    model, tok = modeling.load_adapter_model(cfg, run.adapter)
+    [answer] = generation.generate_answers(model, tok, ["What is condition number 1?"], cfg.system_prompt,
+                                           max_new_tokens=6, progress=False)
+    assert answer.n_new_tokens > 0 and answer.text.strip()
+
+    # rerunning the stage with the same config reuses the adapter instead of training again
+    monkeypatch.setattr(modeling, "load_base_model", lambda *a, **k: pytest.fail("model loaded again"))
+    assert training.train(cfg) == metrics
+
+
+CHILD = textwrap.dedent("""\
+    import json, sys, time
+    from transformers import TrainerCallback
+    from hb_utils import training
+    from hb_utils.config import ExperimentConfig
+
+    class HangAfterSave(TrainerCallback):  # the parent kills us while we wait here
+        def on_save(self, args, state, control, **kwargs):
+            print("saved", state.global_step, flush=True)
+            time.sleep(600)
+
+    training.train(ExperimentConfig(**json.loads(sys.argv[1])), callbacks=[HangAfterSave()])
+""")
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_checkpoint(tmp_path, monkeypatch, capsys):
+    cfg = small_cfg(tmp_path, max_steps=4, save_steps=2, eval_steps=2, gradient_checkpointing=False)
+    run = RunPaths.for_config(cfg)
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    env = {**os.environ, "HB_HEADLESS": "1"}
+    proc = subprocess.Popen([sys.executable, str(script), json.dumps(cfg.to_dict())], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (run.checkpoints / "checkpoint-2" / "trainer_state.json").is_file():
+            assert proc.poll() is None, "the training subprocess ended before its first checkpoint"
+            assert time.time() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.5)
+    finally:
+        proc.kill()  # like a kernel killed mid-run
+        proc.wait()
+    assert not (run.checkpoints / "checkpoint-4").exists() and not run.adapter.exists()
+
+    monkeypatch.setenv("HB_HEADLESS", "1")
+    metrics = training.train(cfg)
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "checkpoint-2" in out
+    logged = [int(s) for s in re.findall(r"\[train\] step (\d+)/4 \|", out)]
+    assert logged == [3, 4]  # continued after the checkpoint; steps 1-2 were not trained again
+    assert metrics["resumed_from_step"] == 2 and metrics["global_step"] == 4
+    assert read_json(run.checkpoints / "checkpoint-4" / "trainer_state.json")["global_step"] == 4
+    history = read_json(run.metrics / "log_history.json")
+    assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4]  # the killed run's logs are kept
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_the_run(tmp_path):
+    from transformers import TrainerCallback
+
+    class PoisonAdapter(TrainerCallback):
+        """Make the LoRA weights NaN after step 1, as a diverged update would."""
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 1:
+                for name, p in model.named_parameters():
+                    if "lora_B" in name:
+                        p.data.fill_(float("nan"))
+
+    cfg = small_cfg(tmp_path, max_steps=3, eval_steps=3, save_steps=3, gradient_checkpointing=False)
+    with pytest.raises(RunError, match=r"diverged: (loss|grad_norm) = nan at step 2"):
+        training.train(cfg, callbacks=[PoisonAdapter()])
+    assert not RunPaths.for_config(cfg).adapter.exists()
