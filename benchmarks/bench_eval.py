@@ -61,11 +61,14 @@ def main() -> None:
     ap.add_argument("--params", default="params/smoke.yaml")
     ap.add_argument("--n", type=int, default=32, help="questions (>= 32 for the reported figure)")
     ap.add_argument("--repeats", type=int, default=1, help="repeat each timing; medians are printed")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"), help="config override")
     args = ap.parse_args()
     overrides = {"load_in_4bit": False, "compute_dtype": "fp32", **dict(args.p)}
     cfg = load_config(args.params, **overrides)
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     records = data.prepare_splits(cfg, write=False).records  # questions only; nothing is written
     pool = records["test"] + records["val"] + records["train"]

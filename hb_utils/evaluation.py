@@ -104,7 +104,8 @@ def run_evaluation(cfg: ExperimentConfig) -> dict[str, Any]:
             "finetuned": metrics.perplexity_report(nll["finetuned"], **boot),
             "delta": metrics.paired_bootstrap(
                 lambda idx: metrics.answer_perplexity(nll["base"], idx),
-                lambda idx: metrics.answer_perplexity(nll["finetuned"], idx), len(ppl_records), **boot),
+                lambda idx: metrics.answer_perplexity(nll["finetuned"], idx), len(ppl_records), **boot,
+                higher_is_better=False),
         },
         "seconds": seconds,
     }
@@ -156,7 +157,7 @@ def comparison_table(result: dict[str, Any]) -> pd.DataFrame:
         scale = 1.0 if name in ("bleu", *LENGTH_METRICS) else 100.0
         rows.append({"metric": LABELS.get(name, name), "base": _fmt(m["base"], scale, 1),
                      "fine-tuned": _fmt(m["finetuned"], scale, 1), "difference": _fmt(m["delta"], scale, 1),
-                     "P(not better)": round(m["delta"]["p_not_better"], 3)})
+                     "P(not better)": round(m["delta"]["p_not_better"], 3) if "p_not_better" in m["delta"] else None})
     return pd.DataFrame(rows).set_index("metric")
 
 

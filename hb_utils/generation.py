@@ -19,7 +19,10 @@ shows the same bf16 difference, so masks and positions are right: it is rounding
 the attention's reduction over key positions has another length and alignment, its sums round
 differently, and bf16's 8-bit mantissa amplifies that through 30 layers. So exact batch
 invariance needs fp32 (``compute_dtype: fp32``); in bf16/fp16 batched answers are equally valid
-greedy answers of a numerically slightly different run. Prompts are sorted by length before
+greedy answers of a numerically slightly different run. 4-bit models on CPU had the same bf16
+effect even with compute_dtype fp32: on AVX512-BF16 CPUs bitsandbytes switches eval-mode 4-bit
+layers to a fused kernel that computes in bf16; ``modeling.load_base_model`` turns that path off
+unless the compute dtype is bf16, and then 4-bit greedy decoding is batch-invariant too. Prompts are sorted by length before
 batching (less padding: faster, and fewer such flips); results come back in input order.
 Sampling is made repeatable by seeding before every batch (``transformers.set_seed``).
 """

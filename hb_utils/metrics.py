@@ -192,15 +192,22 @@ def bootstrap_ci(stat: Statistic, n: int, *, samples: int, seed: int,
 
 
 def paired_bootstrap(stat_base: Statistic, stat_new: Statistic, n: int, *, samples: int, seed: int,
-                     confidence: float = 0.95) -> dict[str, float]:
+                     confidence: float = 0.95, higher_is_better: bool | None = True) -> dict[str, float]:
     """new - base on all examples, its interval from the SAME resampled indices for both systems,
-    and ``p_not_better``: the share of resamples where the difference is <= 0."""
+    and ``p_not_better``: the share of resamples where the new system is not better (difference
+    <= 0, or >= 0 when lower is better; left out when ``higher_is_better`` is None)."""
     idx = bootstrap_indices(n, samples, seed)
     diffs = np.array([stat_new(row) - stat_base(row) for row in idx])
     lo, hi = _interval(diffs, confidence)
     full = np.arange(n)
-    return {"delta": float(stat_new(full) - stat_base(full)), "ci_low": lo, "ci_high": hi,
-            "p_not_better": float(np.mean(diffs <= 0))}
+    out = {"delta": float(stat_new(full) - stat_base(full)), "ci_low": lo, "ci_high": hi}
+    if higher_is_better is not None:
+        out["p_not_better"] = float(np.mean(diffs <= 0 if higher_is_better else diffs >= 0))
+    return out
+
+
+# Direction of each generation metric: lower is better for loops; lengths have no "better".
+HIGHER_IS_BETTER: dict[str, bool | None] = {"empty_or_loop": False, "words": None, "tokens": None}
 
 
 def mean_statistic(values: np.ndarray) -> Statistic:
@@ -225,7 +232,8 @@ def compare_systems(base: dict[str, Statistic], new: dict[str, Statistic], n: in
         name: {
             "base": bootstrap_ci(base[name], n, samples=samples, seed=seed),
             "finetuned": bootstrap_ci(new[name], n, samples=samples, seed=seed),
-            "delta": paired_bootstrap(base[name], new[name], n, samples=samples, seed=seed),
+            "delta": paired_bootstrap(base[name], new[name], n, samples=samples, seed=seed,
+                                      higher_is_better=HIGHER_IS_BETTER.get(name, True)),
         }
         for name in base
     }

@@ -388,12 +388,37 @@ def load_base_model(cfg: ExperimentConfig, *, for_training: bool = False) -> Pre
                          f"ids, or use the offline alias {SMOLLM2_ALIAS!r}.") from exc
     if qconf is None and torch.cuda.is_available():
         model.to(_default_device())
+    if qconf is not None and _default_device().type == "cpu" and (for_training or dtype != torch.bfloat16):
+        _disable_bnb_cpu_bf16_path(model)
     align_generation_config(model, load_tokenizer(cfg.model_name))
     if for_training:
         model.config.use_cache = False
     else:
         model.eval()
     return model
+
+
+def _disable_bnb_cpu_bf16_path(model: torch.nn.Module) -> int:
+    """Keep bitsandbytes' 4-bit layers on their exact, differentiable path on CPU.
+
+    On CPUs with AVX512-BF16, a ``Linear4bit`` in eval mode under no_grad repacks its weight (in
+    place, once) for a fused kernel that computes in bf16 whatever the compute dtype, and that has
+    no autograd. We found two consequences (bitsandbytes 0.50.2): (1) with compute_dtype fp32,
+    batched greedy answers differ from one-at-a-time ones, as in bf16; (2) after one evaluation
+    pass (eval mode + no_grad, as the Trainer's eval loop runs), training backpropagates through
+    the repacked op without gradients: torch warns "an autograd kernel was not registered" and the
+    LoRA weights of earlier layers get no or wrong gradients. So the fused path is turned off for
+    training and for any compute dtype other than bf16; bf16 inference keeps it (~2x faster).
+    Returns how many layers were changed.
+    """
+    import bitsandbytes as bnb
+
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
 
 
 def write_adapter_meta(cfg: ExperimentConfig, adapter_dir: str | Path) -> Path:

@@ -40,7 +40,7 @@ print("seconds:", result["seconds"])"""),
 ## Text overlap and behaviour, with 95% intervals
 ROUGE and the behaviour rates in percent, BLEU on its 0–100 scale, lengths in words/tokens. *difference* is
 fine-tuned − base from the paired bootstrap; *P(not better)* is the share of resamples where the fine-tuned model
-did not beat the base (for `empty or looping`, lower is better)."""),
+did not beat the base (fewer empty/looping answers count as better; lengths have no better direction)."""),
     ("code", "evaluation.comparison_table(result)"),
     ("code", 'evaluation.plot_comparison(result, run.plot("eval_comparison"));'),
     ("md", """\

@@ -104,7 +104,7 @@ def test_smollm2_batched_greedy_equals_one_at_a_time(smollm2_dir, tmp_path, load
     model = M.load_base_model(cfg)
     tok = M.load_tokenizer(cfg.model_name)
     questions = ["What is a fever?", "What causes high blood pressure?", "Is it safe to take ibuprofen daily?",
-                 "Answer with one word: is the heart a muscle?"]
+                 "What is 2+2? Answer with just the number."]
     batched = generate_answers(model, tok, questions, SYSTEM, max_new_tokens=16, batch_size=4, progress=False)
     single = [generate_answers(model, tok, [q], SYSTEM, max_new_tokens=16, progress=False)[0] for q in questions]
     for b, s in zip(batched, single, strict=True):
@@ -112,4 +112,4 @@ def test_smollm2_batched_greedy_equals_one_at_a_time(smollm2_dir, tmp_path, load
     assert all(r.text for r in batched)
     assert tok.padding_side == "right"
     assert not any("<|im_" in r.text or SYSTEM in r.text for r in batched)
-    assert batched[-1].stopped and batched[-1].n_new_tokens < 16, batched[-1]  # a one-word answer ends its turn
+    assert batched[-1].stopped and batched[-1].n_new_tokens < 16 and "4" in batched[-1].text, batched[-1]

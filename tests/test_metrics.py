@@ -103,6 +103,10 @@ def test_compare_systems_covers_every_metric():
     assert out["empty_or_loop"]["base"]["value"] == pytest.approx(1 / 3)
     assert per["disclaimer"].tolist() == [0, 0, 1]
     assert out["rougeL"]["delta"]["delta"] > 0
+    assert out["rougeL"]["delta"]["p_not_better"] == 0.0  # higher is better: never worse
+    # lower is better for loops: not better only in resamples that miss the base's one empty answer (~(2/3)^3)
+    assert 0.1 < out["empty_or_loop"]["delta"]["p_not_better"] < 0.5
+    assert "p_not_better" not in out["words"]["delta"]  # length has no better direction
 
 
 @pytest.mark.parametrize("text", [

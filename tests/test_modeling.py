@@ -289,6 +289,49 @@ def test_tiny_4bit_load_on_cpu_counts_packed_params(tiny_model_dir, tmp_path):
     assert counts["trainable_pct"] == pytest.approx(100 * lora / counts["total"], abs=1e-3)
 
 
+def test_4bit_training_model_keeps_gradients_after_an_eval_pass(tiny_model_dir, tmp_path):
+    """On AVX512-BF16 CPUs bitsandbytes repacks 4-bit weights for a fused bf16 kernel without
+    autograd at the first eval/no_grad forward; the loader must keep training models off that path."""
+    import bitsandbytes as bnb
+    from peft import get_peft_model
+
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, load_in_4bit=True, compute_dtype="bf16", lora_dropout=0.0)
+
+    def lora_grads(eval_first: bool) -> list[torch.Tensor]:
+        model = M.load_base_model(cfg, for_training=True)
+        assert not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in model.modules()
+                       if isinstance(m, bnb.nn.Linear4bit))
+        torch.manual_seed(0)
+        peft_model = get_peft_model(model, M.lora_config(cfg))
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
+        x = torch.randint(5, 1000, (2, 12))
+        if eval_first:  # what the Trainer's evaluation loop does between training steps
+            peft_model.eval()
+            with torch.no_grad():
+                peft_model(input_ids=x)
+        peft_model.train()
+        peft_model(input_ids=x, labels=x).loss.backward()
+        grads = [p.grad for n, p in peft_model.named_parameters() if "lora_" in n]
+        assert all(g is not None for g in grads)
+        return grads
+
+    for a, b in zip(lora_grads(False), lora_grads(True), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_bf16_inference_keeps_bnb_fast_path_fp32_does_not(tiny_model_dir, tmp_path):
+    import bitsandbytes as bnb
+
+    def flags(compute_dtype: str) -> set:
+        model = M.load_base_model(tiny_cfg(tiny_model_dir, tmp_path, load_in_4bit=True, compute_dtype=compute_dtype))
+        return {m.support_avx512bf16_for_cpu for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+    assert flags("fp32") == {False}
+    assert flags("bf16") == {bool(bnb.functional.has_avx512bf16())}
+
+
 # --------------------------------------------------------------------------- adapters
 
 def _train_free_adapter(cfg: ExperimentConfig, adapter_dir: Path):
