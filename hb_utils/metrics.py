@@ -41,7 +41,6 @@ from sacrebleu.metrics import BLEU
 from hb_utils.progress import pbar
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-IGNORE_INDEX = -100
 
 # Phrases that count as "advises seeing a healthcare professional" (case-insensitive, whole words).
 DISCLAIMER_PATTERNS = (
@@ -284,11 +283,12 @@ def token_nll(model: Any, tokenizer: Any, conversations: Sequence[Sequence[dict[
             mask[row, :len(seq)] = 1
             answer[row, n_prompt:len(seq)] = True
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        # position t predicts token t+1; padded positions get label -100 and count nothing
-        labels = ids.masked_fill(mask == 0, IGNORE_INDEX)[:, 1:].to(device)
-        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, reduction="none",
-                              ignore_index=IGNORE_INDEX).cpu().double()
+        # position t predicts token t+1; only real (unpadded) targets are scored, in fp32
         full_mask, answer_mask = mask[:, 1:].bool(), answer[:, 1:]
+        nll = torch.zeros(full_mask.shape, dtype=torch.float64)
+        valid = full_mask.to(device)
+        nll[full_mask] = F.cross_entropy(logits[:, :-1][valid].float(), ids[:, 1:].to(device)[valid],
+                                         reduction="none").cpu().double()
         for row, i in enumerate(batch):
             out["full_nll"][i] = nll[row][full_mask[row]].sum().item()
             out["full_tokens"][i] = full_mask[row].sum().item()

@@ -341,18 +341,12 @@ def prepare(cfg: ExperimentConfig, *, callbacks: Sequence[TrainerCallback] = ())
     dtype = modeling.resolve_compute_dtype(cfg.compute_dtype)
     args = build_sft_config(cfg, has_eval=eval_ds is not None, compute_dtype=dtype)
 
-    tokenizer = modeling.load_tokenizer(cfg.model_name)
-    model = modeling.load_base_model(cfg, for_training=True)
     callbacks = [NanGuardCallback(), *callbacks]
-    bars = datasets.is_progress_bar_enabled()
-    if args.disable_tqdm:  # TRL's dataset preparation would print a bar per step into the executed notebook
-        datasets.disable_progress_bars()
-    try:
+    with _quiet_bars(args.disable_tqdm):
+        tokenizer = modeling.load_tokenizer(cfg.model_name)
+        model = modeling.load_base_model(cfg, for_training=True)
         trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              processing_class=tokenizer, peft_config=modeling.lora_config(cfg), callbacks=callbacks)
-    finally:
-        if bars:
-            datasets.enable_progress_bars()
     if args.disable_tqdm:  # headless: one compact line per log instead of raw dicts
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(CompactLogCallback())
@@ -360,6 +354,25 @@ def prepare(cfg: ExperimentConfig, *, callbacks: Sequence[TrainerCallback] = ())
     counts = modeling.parameter_counts(trainer.model)
     return TrainRun(cfg, run_paths, trainer, tokenizer, splits, resume_from=resume_from, compute_dtype=dtype,
                     parameters=counts, n_truncated=n_truncated)
+
+
+@contextlib.contextmanager
+def _quiet_bars(quiet: bool) -> Iterator[None]:
+    """Headless runs: no weight-loading / dataset-preparation bars (each redraw would land in the executed
+    notebook). Restores the previous state afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was = datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
+    if quiet:
+        datasets.disable_progress_bars()
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and was[0]:
+            datasets.enable_progress_bars()
+        if quiet and was[1]:
+            hf_logging.enable_progress_bar()
 
 
 def describe(run: TrainRun) -> str:

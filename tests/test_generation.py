@@ -7,6 +7,7 @@ the slow test checks batched == one-at-a-time greedy decoding on the real SmolLM
 from __future__ import annotations
 
 import pytest
+import torch
 
 from hb_utils import modeling as M
 from hb_utils.config import ExperimentConfig
@@ -105,11 +106,24 @@ def test_smollm2_batched_greedy_equals_one_at_a_time(smollm2_dir, tmp_path, load
     tok = M.load_tokenizer(cfg.model_name)
     questions = ["What is a fever?", "What causes high blood pressure?", "Is it safe to take ibuprofen daily?",
                  "What is 2+2? Answer with just the number."]
-    batched = generate_answers(model, tok, questions, SYSTEM, max_new_tokens=16, batch_size=4, progress=False)
-    single = [generate_answers(model, tok, [q], SYSTEM, max_new_tokens=16, progress=False)[0] for q in questions]
+    # First the cause, directly: the next-token logits of a left-padded batch equal those of each prompt
+    # alone up to fp32 rounding (bf16 arithmetic, e.g. a silent bf16 kernel, differs by ~0.1-1).
+    prompts = [build_prompt(tok, q, SYSTEM) for q in questions]
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    tok.padding_side = "right"
+    assert enc["attention_mask"].sum(-1).unique().numel() > 1  # really padded
+    with torch.no_grad():
+        position_ids = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # what generate() does
+        padded = model(**enc, position_ids=position_ids).logits[:, -1]
+        for i, prompt in enumerate(prompts):
+            alone = model(**tok([prompt], return_tensors="pt", add_special_tokens=False)).logits[0, -1]
+            assert (padded[i] - alone).abs().max().item() < 1e-3
+    batched = generate_answers(model, tok, questions, SYSTEM, max_new_tokens=12, batch_size=4, progress=False)
+    single = [generate_answers(model, tok, [q], SYSTEM, max_new_tokens=12, progress=False)[0] for q in questions]
     for b, s in zip(batched, single, strict=True):
         assert b == s
     assert all(r.text for r in batched)
     assert tok.padding_side == "right"
     assert not any("<|im_" in r.text or SYSTEM in r.text for r in batched)
-    assert batched[-1].stopped and batched[-1].n_new_tokens < 16 and "4" in batched[-1].text, batched[-1]
+    assert batched[-1].stopped and batched[-1].n_new_tokens < 12 and "4" in batched[-1].text, batched[-1]

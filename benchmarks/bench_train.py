@@ -1,0 +1,267 @@
+"""Training speed: the project's SFT pipeline against the original notebook's method, in one run.
+
+    python benchmarks/bench_train.py                      # defaults finish in a few minutes on 2 CPU cores
+    python benchmarks/bench_train.py --examples 64 --steps 8 --max-length 256 --threads 1
+
+Same model (SmolLM2-135M-Instruct, 4-bit NF4 + the same LoRA config), same MedQuAD training examples
+(from the split of params/smoke.yaml), same number of optimizer steps and effective batch, same optimizer,
+schedule and compute dtype. Variants:
+
+* ``original``      the original notebook's method: the full chat text tokenized per example, pad = eos,
+                    transformers' ``DataCollatorForLanguageModeling(mlm=False)`` (which masks every pad-id
+                    token, so every end-of-turn token, out of the loss), full-sequence loss, gradient
+                    checkpointing on, plain ``transformers.Trainer``.
+* ``project``       hb_utils.training as configured for Experiment 1 (TRL SFTTrainer, prompt/completion,
+                    loss on the answer + end-of-turn only, gradient checkpointing on).
+* ``project_fast``  the same with the two levers that pay on CPU: ``gradient_checkpointing=False`` (the model
+                    is small, activations fit) and ``group_by_length=True`` (less padding).
+
+Each variant runs in its own subprocess (so its peak RSS is its own) with ``--threads`` torch threads. Speed
+is measured over the optimizer steps only (model loading, final save excluded). Quality: the token-weighted
+loss of the *answer + end-of-turn tokens* of the same validation examples, computed the same way for every
+variant after training (a variant's own training loss is not comparable: the original's covers the prompt).
+Not measured: padding-free/packed batches — TRL documents them for FlashAttention only, so on CPU (SDPA)
+example boundaries are not guaranteed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = ("original", "project", "project_fast")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--examples", type=int, default=32, help="training examples (the pool the steps draw from)")
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps per variant")
+    p.add_argument("--max-length", type=int, default=256, help="max tokens per example")
+    p.add_argument("--batch-size", type=int, default=2, help="per-device batch size (Experiment 1: 2)")
+    p.add_argument("--grad-accum", type=int, default=4, help="gradient accumulation (Experiment 1: 4)")
+    p.add_argument("--val-examples", type=int, default=16, help="validation examples for the answer loss")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per variant (1: on a shared 2-core CPU two OpenMP threads thrash)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
+    p.add_argument("--params", default=str(ROOT / "params" / "smoke.yaml"), help="base parameter file")
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one variant
+    p.add_argument("--workdir", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def base_config(args: argparse.Namespace, workdir: Path):
+    from hb_utils.config import load_config
+
+    return load_config(args.params, output_root=str(workdir / "runs"), experiment="bench_train",
+                       max_length=args.max_length, max_steps=args.steps, batch_size=args.batch_size,
+                       grad_accum=args.grad_accum, logging_steps=1, save_steps=10**6, eval_steps=10**6,
+                       sample_size=max(60, math.ceil(max(args.examples / 0.75, args.val_examples / 0.08))))
+
+
+# --------------------------------------------------------------------------- measurement helpers (child)
+def make_clock():
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        """Wall time and real (non-pad) tokens over the optimizer steps only."""
+
+        t0 = t1 = None
+        tokens = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                self.t1 = time.perf_counter()
+                self.tokens = state.num_input_tokens_seen
+
+    return Clock()
+
+
+def answer_loss(model, tokenizer, records: list[dict], max_length: int, dtype) -> float:
+    """Token-weighted NLL of the answer + end-of-turn tokens given the prompt (the same for every variant)."""
+    import torch
+
+    model.eval()
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    for rec in records:
+        full = tokenizer.apply_chat_template(rec["messages"], tokenize=False)
+        prompt = tokenizer.apply_chat_template(rec["messages"][:-1], tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_length]
+        n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        labels = [-100] * min(n_prompt, len(ids)) + ids[n_prompt:]
+        n = sum(1 for t in labels[1:] if t != -100)
+        if n == 0:
+            continue
+        with torch.no_grad(), autocast:
+            out = model(input_ids=torch.tensor([ids], device=device), labels=torch.tensor([labels], device=device))
+        total += float(out.loss) * n
+        count += n
+    return total / count
+
+
+def run_original(cfg, train: list[dict], workdir: Path, clock, dtype):
+    """The original notebook's recipe on the same model, LoRA config and optimizer settings."""
+    import torch
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    from hb_utils import modeling
+
+    tokenizer = modeling.load_tokenizer(cfg.model_name)
+    tokenizer.pad_token = tokenizer.eos_token  # as the original: pad = eos (end-of-turn)
+    texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in train]
+    dataset = Dataset.from_dict({"text": texts}).map(
+        lambda ex: tokenizer(ex["text"], truncation=True, max_length=cfg.max_length), remove_columns=["text"])
+    model = modeling.load_base_model(cfg, for_training=True)
+    model = get_peft_model(model, modeling.lora_config(cfg))
+    model.enable_input_require_grads()  # needed with gradient checkpointing on a frozen, quantized base
+    args = TrainingArguments(
+        output_dir=str(workdir / "original"), per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler, warmup_steps=min(cfg.warmup_ratio, 0.999999),
+        weight_decay=cfg.weight_decay, optim=cfg.optim, max_grad_norm=cfg.max_grad_norm,
+        activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False},
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=not torch.cuda.is_available(),
+        logging_steps=1, save_strategy="no", report_to="none", seed=cfg.seed, disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding")
+    trainer = Trainer(model=model, args=args, train_dataset=dataset,
+                      data_collator=DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False), callbacks=[clock])
+    trainer.train()
+    return trainer.model, tokenizer, trainer.state.log_history
+
+
+def run_project(cfg, train: list[dict], workdir: Path, clock, name: str):
+    """hb_utils.training's own building blocks (what training.prepare assembles), without the run directory."""
+    from trl import SFTTrainer
+
+    from hb_utils import modeling, training
+
+    tokenizer = modeling.load_tokenizer(cfg.model_name)
+    args = training.build_sft_config(cfg, output_dir=workdir / name, has_eval=False)
+    args.disable_tqdm = True
+    trainer = SFTTrainer(model=modeling.load_base_model(cfg, for_training=True), args=args,
+                         train_dataset=training.to_prompt_completion(train), processing_class=tokenizer,
+                         peft_config=modeling.lora_config(cfg), callbacks=[clock])
+    trainer.train()
+    return trainer.model, tokenizer, trainer.state.log_history
+
+
+def child(args: argparse.Namespace) -> None:
+    import torch
+
+    from hb_utils import modeling
+
+    torch.set_num_threads(args.threads)
+    workdir = Path(args.workdir)
+    split = json.loads((workdir / "split.json").read_text())
+    cfg = base_config(args, workdir)
+    if args.child == "project_fast":
+        cfg = cfg.replace(gradient_checkpointing=False, group_by_length=True)
+    dtype = modeling.resolve_compute_dtype(cfg.compute_dtype)
+    clock = make_clock()
+    if args.child == "original":
+        model, tokenizer, history = run_original(cfg, split["train"], workdir, clock, dtype)
+    else:
+        model, tokenizer, history = run_project(cfg, split["train"], workdir, clock, args.child)
+    seconds = clock.t1 - clock.t0
+    n_examples = args.steps * args.batch_size * args.grad_accum
+    result = {
+        "variant": args.child, "seconds": round(seconds, 2), "examples": n_examples,
+        "examples_per_s": round(n_examples / seconds, 3), "real_tokens": clock.tokens,
+        "real_tokens_per_s": round(clock.tokens / seconds, 1),
+        "last_train_loss": [h["loss"] for h in history if "loss" in h][-1],
+        "val_answer_loss": round(answer_loss(model, tokenizer, split["val"], args.max_length, dtype), 4),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        "gradient_checkpointing": cfg.gradient_checkpointing if args.child != "original" else True,
+        "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+    }
+    (workdir / f"{args.child}.json").write_text(json.dumps(result))
+
+
+# --------------------------------------------------------------------------- parent
+def prepare_split(args: argparse.Namespace, workdir: Path) -> dict:
+    from hb_utils import data
+
+    splits = data.ensure_splits(base_config(args, workdir))
+    if len(splits["train"]) < args.examples:
+        raise SystemExit(f"only {len(splits['train'])} training examples available; lower --examples")
+    split = {"train": splits["train"][: args.examples], "val": splits["val"][: args.val_examples]}
+    (workdir / "split.json").write_text(json.dumps(split))
+    return split
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.child:
+        child(args)
+        return {}
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    command = "python benchmarks/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        workdir = Path(tmp)
+        split = prepare_split(args, workdir)
+        print(f"{len(split['train'])} training examples, {len(split['val'])} validation examples, "
+              f"{args.steps} steps x batch {args.batch_size} x accumulation {args.grad_accum}, "
+              f"max_length {args.max_length}, {args.threads} thread(s); load average {os.getloadavg()[0]:.1f}",
+              flush=True)
+        passthrough = [f"--examples={args.examples}", f"--steps={args.steps}", f"--max-length={args.max_length}",
+                       f"--batch-size={args.batch_size}", f"--grad-accum={args.grad_accum}",
+                       f"--val-examples={args.val_examples}", f"--threads={args.threads}", f"--params={args.params}"]
+        env = {**os.environ, "HB_HEADLESS": "1", "OMP_NUM_THREADS": str(args.threads)}
+        for name in variants:
+            t = time.perf_counter()
+            proc = subprocess.run([sys.executable, __file__, *passthrough, "--child", name, "--workdir", tmp],
+                                  env=env, cwd=ROOT, capture_output=True, text=True)
+            if proc.returncode:
+                sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
+                raise SystemExit(f"variant {name} failed (exit {proc.returncode})")
+            results[name] = json.loads((workdir / f"{name}.json").read_text())
+            print(f"  {name}: done in {time.perf_counter() - t:.0f} s", flush=True)
+    report(results, command)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"command": command, "results": results}, indent=2))
+    return results
+
+
+def report(results: dict, command: str) -> None:
+    cols = ["examples_per_s", "real_tokens_per_s", "seconds", "val_answer_loss", "last_train_loss", "peak_rss_gb",
+            "gradient_checkpointing", "dtype"]
+    print("\n" + "variant".ljust(14) + "".join(c.rjust(22) for c in cols))
+    for name, r in results.items():
+        print(name.ljust(14) + "".join(str(r[c]).rjust(22) for c in cols))
+    base = results.get("original")
+    if base:
+        print()
+        for name, r in results.items():
+            if name == "original":
+                continue
+            speed = r["examples_per_s"] / base["examples_per_s"]
+            tok = r["real_tokens_per_s"] / base["real_tokens_per_s"]
+            loss = (r["val_answer_loss"] - base["val_answer_loss"]) / base["val_answer_loss"]
+            ok = speed >= 2.0 and loss <= 0.05
+            print(f"{name} vs original: {speed:.2f}x examples/s, {tok:.2f}x real tokens/s, val answer loss "
+                  f"{loss:+.1%}  -> target (>=2x, loss within +5%): {'met' if ok else 'NOT met'}")
+    print(f"\ncommand: {command}")
+
+
+if __name__ == "__main__":
+    main()
