@@ -358,3 +358,27 @@ def test_nan_loss_stops_the_run(tmp_path):
     with pytest.raises(RunError, match=r"diverged: (loss|grad_norm) = nan at step 2"):
         training.train(cfg, callbacks=[PoisonAdapter()])
     assert not RunPaths.for_config(cfg).adapter.exists()
+
+
+@pytest.mark.slow
+def test_supervised_logits_loss_equals_trls_loss(tmp_path):
+    from trl import SFTTrainer
+
+    cfg = small_cfg(tmp_path, n=8, compute_dtype="fp32", lora_dropout=0.0, batch_size=3)
+    run = training.prepare(cfg)
+    trainer = run.trainer
+    assert isinstance(trainer, training.SupervisedLogitsSFTTrainer)
+    model = trainer.model.eval()
+    batch = next(iter(trainer.get_train_dataloader()))
+    n_items = int((batch["labels"][:, 1:] != -100).sum())
+    with torch.no_grad():
+        for n in (None, n_items, 2 * n_items):
+            ours = trainer.compute_loss(model, dict(batch), num_items_in_batch=n)
+            trls = SFTTrainer.compute_loss(trainer, model, dict(batch), num_items_in_batch=n)
+            assert torch.allclose(ours, trls, rtol=1e-4), (n, float(ours), float(trls))
+    model.train()
+    loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    grads = [p.grad for name, p in model.named_parameters() if "lora_B" in name]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
