@@ -374,6 +374,12 @@ def load_base_model(cfg: ExperimentConfig, *, for_training: bool = False) -> Pre
     are left to the trainer (TRL's SFTTrainer sets them from SFTConfig)."""
     from transformers import AutoModelForCausalLM
 
+    from hb_utils.progress import is_headless
+
+    if is_headless():  # the "Loading weights" bar would fill the executed notebook
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     path = resolve_model_path(cfg.model_name)
     dtype = resolve_compute_dtype(cfg.compute_dtype)
     kwargs: dict[str, Any] = {"dtype": dtype}
