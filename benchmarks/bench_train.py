@@ -39,6 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("original", "project", "project_fast")
+EXTRA_VARIANTS = ("project_fast_trl_loss",)  # lever check: TRL's own fused-head loss instead of ours
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -154,7 +155,8 @@ def run_project(cfg, train: list[dict], workdir: Path, clock, name: str):
     tokenizer = modeling.load_tokenizer(cfg.model_name)
     args = training.build_sft_config(cfg, output_dir=workdir / name, has_eval=False)
     args.disable_tqdm = True
-    trainer = SFTTrainer(model=modeling.load_base_model(cfg, for_training=True), args=args,
+    trainer_class = SFTTrainer if name.endswith("trl_loss") else training.SupervisedLogitsSFTTrainer
+    trainer = trainer_class(model=modeling.load_base_model(cfg, for_training=True), args=args,
                          train_dataset=training.to_prompt_completion(train), processing_class=tokenizer,
                          peft_config=modeling.lora_config(cfg), callbacks=[clock])
     trainer.train()
@@ -170,7 +172,7 @@ def child(args: argparse.Namespace) -> None:
     workdir = Path(args.workdir)
     split = json.loads((workdir / "split.json").read_text())
     cfg = base_config(args, workdir)
-    if args.child == "project_fast":
+    if args.child.startswith("project_fast"):
         cfg = cfg.replace(gradient_checkpointing=False, group_by_length=True)
     dtype = modeling.resolve_compute_dtype(cfg.compute_dtype)
     clock = make_clock()
@@ -212,8 +214,8 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = set(variants) - set(VARIANTS)
-    if unknown:
-        raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    if unknown - set(EXTRA_VARIANTS):
+        raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {VARIANTS + EXTRA_VARIANTS}")
     command = "python benchmarks/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:

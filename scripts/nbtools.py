@@ -76,8 +76,14 @@ def write_notebook(path: Path, cells: list[tuple[str, str]]) -> None:
     nbformat.write(nb, path)
 
 
+# Notebooks with parameters of their own (not the experiment config): `sync` leaves them alone.
+OWN_PARAMETERS = {"06_compare"}
+
+
 def sync() -> None:
     for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+        if path.stem in OWN_PARAMETERS:
+            continue
         nb = nbformat.read(path, as_version=4)
         for cell in nb.cells:
             if "parameters" in cell.metadata.get("tags", []):
