@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
+from tqdm import tqdm as text_tqdm
 from tqdm.auto import tqdm
 
 T = TypeVar("T")
@@ -29,7 +30,8 @@ def is_headless() -> bool:
 def pbar(iterable: Iterable[T] | None = None, *, total: int | None = None, desc: str = "",
          enabled: bool = True, **kwargs: Any) -> Any:
     """A tqdm bar; in headless runs it updates rarely (every 30 s) instead of on every step."""
-    if is_headless():
+    if is_headless():  # plain text bar (no widget), redrawn rarely
         kwargs.setdefault("mininterval", 30.0)
         kwargs.setdefault("ascii", True)
+        return text_tqdm(iterable, total=total, desc=desc, disable=not enabled, **kwargs)
     return tqdm(iterable, total=total, desc=desc, disable=not enabled, **kwargs)
