@@ -93,7 +93,7 @@ def main() -> None:
     print(f"            {tokens} new tokens; stopped by themselves: {sum(r.stopped for r in batched)}/{len(batched)}")
 
     convs = [r["messages"] for r in chosen]
-    t_pb, nll_b = timed(lambda: metrics.token_nll(model, tokenizer, convs, batch_size=cfg.gen_batch_size,
+    t_pb, nll_b = timed(lambda: metrics.token_nll(model, tokenizer, convs, batch_size=cfg.ppl_batch_size,
                                                   progress=False), args.repeats)
     t_p1, nll_1 = timed(lambda: metrics.token_nll(model, tokenizer, convs, batch_size=1, progress=False), args.repeats)
     ppl_b, ppl_1 = metrics.answer_perplexity(nll_b), metrics.answer_perplexity(nll_1)

@@ -126,7 +126,8 @@ class ExperimentConfig:
     eval_size: int | str = _f(20, "Test questions to generate answers for (an int, or 'all').")
     eval_max_new_tokens: int = _f(150, "New-token limit of evaluation answers (greedy).", min=1)
     ppl_size: int | str = _f(50, "Test texts for perplexity (an int, or 'all').")
-    gen_batch_size: int = _f(8, "Batch size of generation and perplexity.", min=1)
+    gen_batch_size: int = _f(32, "Batch size of evaluation generation (left-padded, greedy).", min=1)
+    ppl_batch_size: int = _f(8, "Batch size of the perplexity passes.", min=1)
     bootstrap_samples: int = _f(1000, "Bootstrap resamples for confidence intervals.", min=10)
     # --- qualitative ---
     prompts: list[str] = _f([], "Extra prompts for 05_qualitative, besides the six standard ones.")

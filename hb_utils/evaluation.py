@@ -80,7 +80,7 @@ def run_evaluation(cfg: ExperimentConfig) -> dict[str, Any]:
         with model.disable_adapter() if system == "base" else contextlib.nullcontext():
             answers[system] = _generate(model, tokenizer, questions, cfg, **greedy)
             nll[system] = metrics.token_nll(model, tokenizer, [r["messages"] for r in ppl_records],
-                                            batch_size=cfg.gen_batch_size, progress=cfg.progress)
+                                            batch_size=cfg.ppl_batch_size, progress=cfg.progress)
         seconds[system] = round(time.perf_counter() - t0, 2)
 
     boot = {"samples": cfg.bootstrap_samples, "seed": cfg.seed}
@@ -96,7 +96,7 @@ def run_evaluation(cfg: ExperimentConfig) -> dict[str, Any]:
         "settings": {"model_name": cfg.model_name, "test_size": len(test), "eval_size": cfg.eval_size,
                      "eval_examples": n, "ppl_size": cfg.ppl_size, "ppl_examples": len(ppl_records),
                      "decoding": "greedy", "max_new_tokens": cfg.eval_max_new_tokens,
-                     "batch_size": cfg.gen_batch_size, "bootstrap": {**boot, "confidence": 0.95},
+                     "batch_size": cfg.gen_batch_size, "ppl_batch_size": cfg.ppl_batch_size, "bootstrap": {**boot, "confidence": 0.95},
                      "base": "same loaded model with the adapter disabled"},
         "generation": metrics.compare_systems(fns["base"], fns["finetuned"], n, **boot),
         "perplexity": {
