@@ -18,7 +18,6 @@ overwrite an adapter of another config, and the metrics/plots written to ``outpu
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import math
 import re
 import resource
@@ -45,7 +44,6 @@ from hb_utils.progress import is_headless
 CHECKPOINT_META = "hb_meta.json"  # in RunPaths.checkpoints: which train fingerprint made the checkpoints
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 SAVE_TOTAL_LIMIT = 2  # newest checkpoints kept (plus the best one when load_best_model); bounds disk use
-LIBRARIES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets")
 
 
 # --------------------------------------------------------------------------- data
@@ -538,14 +536,11 @@ def peak_memory() -> dict[str, Any]:
     return {"kind": "process_peak_rss", "gb": round(rss / 2**30, 3)}
 
 
-def library_versions() -> dict[str, str]:
-    out = {"python": sys.version.split()[0]}
-    for name in LIBRARIES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+def library_versions() -> dict[str, str | None]:
+    """Python and the library versions that shape a run (the same list config.json records)."""
+    from hb_utils.runner import package_versions
+
+    return {"python": sys.version.split()[0], **package_versions()}
 
 
 def _now() -> str:
