@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 import matplotlib.pyplot as plt
@@ -28,7 +27,7 @@ from hb_utils import data, metrics, modeling
 from hb_utils.config import ExperimentConfig
 from hb_utils.errors import RunError
 from hb_utils.generation import GenResult, generate_answers
-from hb_utils.paths import RunPaths, read_json, read_jsonl, write_json, write_jsonl
+from hb_utils.paths import RunPaths, read_json, read_jsonl, utc_now, write_json, write_jsonl
 from hb_utils.plots import save
 
 IN_DOMAIN = (
@@ -51,7 +50,7 @@ LABELS = {
 
 def _stamp(cfg: ExperimentConfig) -> dict[str, Any]:
     return {"experiment": cfg.experiment, "fingerprints": cfg.fingerprints(),
-            "created": datetime.now(UTC).isoformat(timespec="seconds")}
+            "created": utc_now()}
 
 
 def _generate(model: Any, tokenizer: Any, questions: list[str], cfg: ExperimentConfig, **kw: Any) -> list[GenResult]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,11 @@ class RunPaths:
 
     def plot(self, name: str) -> Path:
         return self.plots / f"{name}.png"
+
+
+def utc_now() -> str:
+    """The timestamp every artifact records (UTC, seconds)."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def write_json(path: Path, payload: Any) -> Path:

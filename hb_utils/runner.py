@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -131,7 +131,7 @@ def open_run(cfg: ExperimentConfig, *, overwrite: bool = False) -> RunState:
     payload = {
         "experiment": cfg.experiment, "config": cfg.to_dict(), "fingerprints": cfg.fingerprints(),
         "git_commit": git_commit(), "packages": package_versions(), "hardware": hardware(),
-        "created": datetime.now(UTC).isoformat(timespec="seconds"), "stages": {},
+        "created": paths.utc_now(), "stages": {},
     }
     state = RunState(run.config_json, payload)
     state.save()
@@ -196,11 +196,11 @@ def run_experiment(cfg: ExperimentConfig, *, start: str | None = None, only: str
             results.append(StageResult(stage, "skipped", 0.0, reports / f"{stage}.ipynb"))
             echo(f"{stage:17s} skipped (finished earlier; --from {stage[:2]} reruns it)")
             continue
-        state.payload["stages"][stage] = {"status": "running", "started": _now()}
+        state.payload["stages"][stage] = {"status": "running", "started": paths.utc_now()}
         state.save()
         res = execute_stage(stage, cfg, reports, kernel)
         results.append(res)
-        state.payload["stages"][stage] = {"status": res.status, "seconds": round(res.seconds, 1), "finished": _now()}
+        state.payload["stages"][stage] = {"status": res.status, "seconds": round(res.seconds, 1), "finished": paths.utc_now()}
         state.save()
         echo(f"{stage:17s} {res.status:6s} {res.seconds:7.1f}s  {res.html or res.report}")
         if res.error:
@@ -208,6 +208,3 @@ def run_experiment(cfg: ExperimentConfig, *, start: str | None = None, only: str
             break
     return results
 
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")

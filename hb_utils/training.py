@@ -26,7 +26,6 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -311,7 +310,7 @@ def resolve_resume(cfg: ExperimentConfig) -> str | None:
 def _stamp_checkpoints(cfg: ExperimentConfig) -> None:
     folder = paths.RunPaths.for_config(cfg).checkpoints
     paths.write_json(folder / CHECKPOINT_META, {"train_fingerprint": cfg.fingerprint("train"),
-                                                "model_name": cfg.model_name, "created": _now()})
+                                                "model_name": cfg.model_name, "created": paths.utc_now()})
 
 
 @contextlib.contextmanager
@@ -496,7 +495,7 @@ def _collect_metrics(run: TrainRun, train_metrics: dict[str, Any], start: dict[s
         "experiment": cfg.experiment,
         "model_name": cfg.model_name,
         "fingerprints": cfg.fingerprints(),
-        "created": _now(),
+        "created": paths.utc_now(),
         "resumed_from": run.resume_from,
         "resumed_from_step": start["step"] if run.resume_from else None,
         "global_step": trainer.state.global_step,
@@ -542,9 +541,6 @@ def library_versions() -> dict[str, str | None]:
 
     return {"python": sys.version.split()[0], **package_versions()}
 
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 # --------------------------------------------------------------------------- plot
