@@ -1,31 +1,39 @@
 """Evaluation speed: the project's batched generation and perplexity vs the original one-at-a-time loops.
 
-    .venv/bin/python benchmarks/bench_eval.py                    # N=32 questions, params/smoke.yaml
-    .venv/bin/python benchmarks/bench_eval.py --n 64 --repeats 3 -p load_in_4bit false
+    .venv/bin/python benchmarks/bench_eval.py --threads 1        # N=32 questions, params/smoke.yaml
+    .venv/bin/python benchmarks/bench_eval.py --n 64 --repeats 3 --parts ppl
 
-Both methods run in the same process on the same loaded model (SmolLM2-135M-Instruct of the smoke
-config), with the same chat-template prompts, greedy decoding and max_new_tokens, so the ratio is
-what counts on a shared machine. The model is loaded unquantized in fp32 by default: bitsandbytes'
-4-bit path on a CPU without the optional ``kernels`` package dequantizes every weight at every
-step (about 1 s per generated token here), which would make N=32 one-at-a-time take half an hour
-and mostly time bitsandbytes; pass ``-p load_in_4bit true -p compute_dtype auto`` to time the
-smoke run's own settings. The original loop calls ``model.generate`` once per question (no
-padding at all) and decodes the new tokens. The check that both give identical texts needs fp32
-(a padded batch rounds differently in the last bits, which in bf16 or 4-bit can flip a near-tied
-argmax; see hb_utils.generation). Perplexity: :func:`hb_utils.metrics.token_nll` with the configured
-batch size vs one example per forward pass; the numbers must agree.
+Both methods run in the same process on the same weights (SmolLM2-135M-Instruct of the smoke config),
+the same chat-template texts and the same settings, so the ratio is what counts on a shared machine.
+
+Generation: the model is loaded unquantized in fp32 (override with ``-p``), because the check that
+both give identical texts needs fp32 (a padded batch rounds differently in the last bits, which in
+bf16 can flip a near-tied argmax; see hb_utils.generation). The original loop calls
+``model.generate`` once per question (no padding at all) and decodes the new tokens.
+
+Perplexity is timed as 04_evaluate runs it: the config's own model settings (smoke: 4-bit NF4 with
+compute dtype ``auto`` = bf16 on this CPU). The original method loads the model the original way
+(``from_pretrained`` with the ``BitsAndBytesConfig``, bitsandbytes' defaults) and takes one
+``model(ids, labels=ids)`` loss per example over the full text. The project runs
+:func:`hb_utils.perplexity.token_nll` (length-sorted batches of ``ppl_batch_size``, answer and full-text
+NLL in one pass) on :func:`hb_utils.modeling.load_base_model`'s model, which keeps bitsandbytes on
+its dequantize + matmul path on CPU (see ``modeling.use_dequantize_matmul_path``). The project's
+own passes without the shared prefix, batched and at batch size 1, are timed too, so the three gains
+(kernel path, batching, shared prefix) are shown apart. The per-example full-text losses of both
+methods must agree (bf16 rounding aside).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
 import numpy as np
 import torch
 
-from hb_utils import data, metrics, modeling
+from hb_utils import data, modeling, perplexity
 from hb_utils.config import load_config
 from hb_utils.generation import GenResult, build_prompt, generate_answers
 
@@ -47,6 +55,29 @@ def one_at_a_time(model, tokenizer, questions, system_prompt, max_new_tokens) ->
     return out
 
 
+def original_perplexity_loop(model, tokenizer, conversations) -> np.ndarray:
+    """The original notebook's perplexity: one forward per example, the loss over its full text."""
+    losses = []
+    for conv in conversations:
+        ids, _ = perplexity.tokenize_for_perplexity(tokenizer, conv)
+        x = torch.tensor([ids], device=model.device)
+        with torch.no_grad():
+            losses.append(float(model(input_ids=x, labels=x).loss))
+    return np.array(losses)
+
+
+def load_as_original(cfg):
+    """The model as the original notebook loads it: ``from_pretrained`` with the BitsAndBytesConfig and
+    bitsandbytes' default kernels (the same weights, quantization and compute dtype as the project's)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": modeling.resolve_compute_dtype(cfg.compute_dtype)}
+    qconf = modeling.quantization_config(cfg)
+    if qconf is not None:
+        kwargs.update(quantization_config=qconf, device_map={"": "cuda" if torch.cuda.is_available() else "cpu"})
+    return AutoModelForCausalLM.from_pretrained(modeling.resolve_model_path(cfg.model_name), **kwargs).eval()
+
+
 def timed(fn, repeats: int):
     times, result = [], None
     for _ in range(repeats):
@@ -56,50 +87,82 @@ def timed(fn, repeats: int):
     return statistics.median(times), result
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params/smoke.yaml")
-    ap.add_argument("--n", type=int, default=32, help="questions (>= 32 for the reported figure)")
-    ap.add_argument("--repeats", type=int, default=1, help="repeat each timing; medians are printed")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"), help="config override")
-    args = ap.parse_args()
-    overrides = {"load_in_4bit": False, "compute_dtype": "fp32", **dict(args.p)}
-    cfg = load_config(args.params, **overrides)
-    torch.manual_seed(0)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    records = data.prepare_splits(cfg, write=False).records  # questions only; nothing is written
-    pool = records["test"] + records["val"] + records["train"]
-    chosen = pool[:args.n]
+def bench_generation(cfg, chosen, repeats: int) -> None:
     questions = [r["question"] for r in chosen]
     model = modeling.load_base_model(cfg)
     tokenizer = modeling.load_tokenizer(cfg.model_name)
-    print(f"model {cfg.model_name} (4-bit={cfg.load_in_4bit}, dtype={modeling.resolve_compute_dtype(cfg.compute_dtype)}),"
-          f" {len(questions)} questions, greedy, max_new_tokens={cfg.eval_max_new_tokens}, "
-          f"batch_size={cfg.gen_batch_size}, torch threads={torch.get_num_threads()}")
+    print(f"generation: {cfg.model_name} (4-bit={cfg.load_in_4bit}, "
+          f"dtype={modeling.resolve_compute_dtype(cfg.compute_dtype)}), {len(questions)} questions, greedy, "
+          f"max_new_tokens={cfg.eval_max_new_tokens}, batch_size={cfg.gen_batch_size}")
     kw = {"max_new_tokens": cfg.eval_max_new_tokens}
     generate_answers(model, tokenizer, questions[:2], cfg.system_prompt, batch_size=2, progress=False, **kw)  # warm-up
 
     t_batch, batched = timed(lambda: generate_answers(model, tokenizer, questions, cfg.system_prompt,
-                                                      batch_size=cfg.gen_batch_size, progress=False, **kw), args.repeats)
+                                                      batch_size=cfg.gen_batch_size, progress=False, **kw), repeats)
     t_loop, looped = timed(lambda: one_at_a_time(model, tokenizer, questions, cfg.system_prompt,
-                                                 cfg.eval_max_new_tokens), args.repeats)
+                                                 cfg.eval_max_new_tokens), repeats)
     same = sum(a.text == b.text for a, b in zip(batched, looped, strict=True))
     print(f"generation  batched {t_batch:7.1f} s | one at a time {t_loop:7.1f} s | speed-up {t_loop / t_batch:4.1f}x "
           f"(target >= 5x) | identical texts {same}/{len(questions)}")
     tokens = sum(r.n_new_tokens for r in batched)
     print(f"            {tokens} new tokens; stopped by themselves: {sum(r.stopped for r in batched)}/{len(batched)}")
 
+
+def bench_perplexity(cfg, chosen, repeats: int) -> None:
     convs = [r["messages"] for r in chosen]
-    t_pb, nll_b = timed(lambda: metrics.token_nll(model, tokenizer, convs, batch_size=cfg.ppl_batch_size,
-                                                  progress=False), args.repeats)
-    t_p1, nll_1 = timed(lambda: metrics.token_nll(model, tokenizer, convs, batch_size=1, progress=False), args.repeats)
-    ppl_b, ppl_1 = metrics.answer_perplexity(nll_b), metrics.answer_perplexity(nll_1)
-    close = all(np.allclose(nll_b[k], nll_1[k], rtol=1e-4) for k in nll_b)
-    print(f"perplexity  batched {t_pb:7.1f} s | one at a time {t_p1:7.1f} s | speed-up {t_p1 / t_pb:4.1f}x "
-          f"(target >= 3x) | ppl {ppl_b:.4f} vs {ppl_1:.4f}, per-example NLLs equal (rtol 1e-4): {close}")
+    tokenizer = modeling.load_tokenizer(cfg.model_name)
+    original, project = load_as_original(cfg), modeling.load_base_model(cfg)
+    n_tokens = sum(len(perplexity.tokenize_for_perplexity(tokenizer, c)[0]) for c in convs)
+    print(f"perplexity: {cfg.model_name} (4-bit={cfg.load_in_4bit}, "
+          f"dtype={modeling.resolve_compute_dtype(cfg.compute_dtype)}), {len(convs)} test examples, "
+          f"{n_tokens} tokens, ppl_batch_size={cfg.ppl_batch_size}")
+    original_perplexity_loop(original, tokenizer, convs[:2])  # warm-up (bitsandbytes' first call repacks on CPU)
+    perplexity.token_nll(project, tokenizer, convs[:2], batch_size=2, progress=False)
+
+    t_orig, losses = timed(lambda: original_perplexity_loop(original, tokenizer, convs), repeats)
+    t_b, nll_b = timed(lambda: perplexity.token_nll(project, tokenizer, convs, batch_size=cfg.ppl_batch_size,
+                                                 progress=False), repeats)
+    t_w, nll_w = timed(lambda: perplexity.token_nll(project, tokenizer, convs, batch_size=cfg.ppl_batch_size,
+                                                    progress=False, share_prefix=False), repeats)
+    t_1, nll_1 = timed(lambda: perplexity.token_nll(project, tokenizer, convs, batch_size=1, progress=False,
+                                                    share_prefix=False), repeats)
+    project_losses = nll_b["full_nll"] / nll_b["full_tokens"]
+    rel = float(np.max(np.abs(project_losses - losses) / losses))
+    print(f"perplexity  project (batch {cfg.ppl_batch_size}) {t_b:6.1f} s | original loop {t_orig:6.1f} s | "
+          f"speed-up {t_orig / t_b:4.1f}x (target >= 3x)")
+    print(f"            levers: bitsandbytes dequantize path {t_orig / t_1:4.1f}x (project one at a time "
+          f"{t_1:.1f} s), batching {t_1 / t_w:4.1f}x ({t_w:.1f} s), shared system turn {t_w / t_b:4.1f}x")
+    print(f"            original-variant ppl {math.exp(losses.mean()):.4f} (original) vs "
+          f"{perplexity.original_perplexity(nll_b)['ppl']:.4f} (project); per-example full-text losses differ by "
+          f"<= {rel:.1e} (relative); answer ppl {perplexity.answer_perplexity(nll_b):.4f} / "
+          f"{perplexity.answer_perplexity(nll_w):.4f} / {perplexity.answer_perplexity(nll_1):.4f} "
+          "(project / no shared prefix / one at a time)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params/smoke.yaml")
+    ap.add_argument("--n", type=int, default=32, help="questions (>= 32 for the reported figure)")
+    ap.add_argument("--repeats", type=int, default=1, help="repeat each timing; medians are printed")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--parts", default="gen,ppl", help="comma-separated: gen (generation), ppl (perplexity)")
+    ap.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"), help="config override")
+    args = ap.parse_args()
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if not parts or parts - {"gen", "ppl"}:
+        raise SystemExit(f"--parts takes gen and/or ppl, got {args.parts!r}")
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(args.params, **dict(args.p))
+    records = data.prepare_splits(cfg, write=False).records  # nothing is written
+    chosen = (records["test"] + records["val"] + records["train"])[:args.n]
+    print(f"{len(chosen)} examples (test split first), torch threads={torch.get_num_threads()}")
+    if "gen" in parts:
+        bench_generation(load_config(args.params, **{"load_in_4bit": False, "compute_dtype": "fp32", **dict(args.p)}),
+                         chosen, args.repeats)
+    if "ppl" in parts:
+        bench_perplexity(cfg, chosen, args.repeats)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from hb_utils import data, metrics, modeling
+from hb_utils import data, metrics, modeling, perplexity
 from hb_utils.config import ExperimentConfig
 from hb_utils.errors import RunError
 from hb_utils.generation import GenResult, generate_answers
@@ -78,8 +78,8 @@ def run_evaluation(cfg: ExperimentConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         with model.disable_adapter() if system == "base" else contextlib.nullcontext():
             answers[system] = _generate(model, tokenizer, questions, cfg, **greedy)
-            nll[system] = metrics.token_nll(model, tokenizer, [r["messages"] for r in ppl_records],
-                                            batch_size=cfg.ppl_batch_size, progress=cfg.progress)
+            nll[system] = perplexity.token_nll(model, tokenizer, [r["messages"] for r in ppl_records],
+                                               batch_size=cfg.ppl_batch_size, progress=cfg.progress)
         seconds[system] = round(time.perf_counter() - t0, 2)
 
     boot = {"samples": cfg.bootstrap_samples, "seed": cfg.seed}
@@ -99,11 +99,11 @@ def run_evaluation(cfg: ExperimentConfig) -> dict[str, Any]:
                      "base": "same loaded model with the adapter disabled"},
         "generation": metrics.compare_systems(fns["base"], fns["finetuned"], n, **boot),
         "perplexity": {
-            "base": metrics.perplexity_report(nll["base"], **boot),
-            "finetuned": metrics.perplexity_report(nll["finetuned"], **boot),
+            "base": perplexity.perplexity_report(nll["base"], **boot),
+            "finetuned": perplexity.perplexity_report(nll["finetuned"], **boot),
             "delta": metrics.paired_bootstrap(
-                lambda idx: metrics.answer_perplexity(nll["base"], idx),
-                lambda idx: metrics.answer_perplexity(nll["finetuned"], idx), len(ppl_records), **boot,
+                lambda idx: perplexity.answer_perplexity(nll["base"], idx),
+                lambda idx: perplexity.answer_perplexity(nll["finetuned"], idx), len(ppl_records), **boot,
                 higher_is_better=False),
         },
         "seconds": seconds,

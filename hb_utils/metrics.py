@@ -1,4 +1,4 @@
-"""Evaluation metrics: ROUGE, BLEU, perplexity, bootstrap confidence intervals, behaviour rates.
+"""Evaluation metrics: ROUGE, BLEU, bootstrap confidence intervals, behaviour rates.
 
 Why this module exists, and what it fixes in the original notebook's evaluation:
 
@@ -13,32 +13,21 @@ Why this module exists, and what it fixes in the original notebook's evaluation:
   questions without an interval cannot tell a real improvement from noise. BLEU is a corpus
   metric, so each resample recomputes corpus BLEU from per-example sufficient statistics (the
   method of sacrebleu's own ``significance`` module), not a mean of sentence BLEUs.
-* Perplexity is token-weighted over the whole test set (total NLL / total tokens) on the *answer*
-  tokens only: the prompt, rendered with the chat template exactly as in training, is masked.
-  The original notebook's number is kept for comparison, clearly labelled: it computed the loss
-  of each example's *full* text one at a time and averaged those losses over examples
-  (ppl = exp(mean_i loss_i)), which weights a 20-token answer like a 300-token one and scores
-  the prompt too. Both come from one batched forward pass (right padding + attention mask, sums
-  of token NLLs); batched and one-at-a-time give the same numbers.
+* Perplexity lives in :mod:`hb_utils.perplexity` (it runs the model; this module only scores).
 * Behaviour rates say what ROUGE cannot: does the model stop by itself, how long it talks, whether
   it points to a healthcare professional, and whether it returns nothing or loops.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Sequence
 from importlib.metadata import version
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU
-
-from hb_utils.progress import pbar
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
@@ -235,96 +224,6 @@ def compare_systems(base: dict[str, Statistic], new: dict[str, Statistic], n: in
                                       higher_is_better=HIGHER_IS_BETTER.get(name, True)),
         }
         for name in base
-    }
-
-
-# --------------------------------------------------------------------------- perplexity
-def tokenize_for_perplexity(tokenizer: Any, messages: Sequence[dict[str, str]]) -> tuple[list[int], int]:
-    """Token ids of one chat record rendered with the chat template, and the prompt length.
-
-    The prompt is everything up to the assistant turn (system + user + generation prompt); the
-    rest (answer and end-of-turn) is what the answer perplexity scores, as in completion-only
-    training."""
-    if not messages or messages[-1]["role"] != "assistant":
-        raise ValueError("perplexity needs chat messages that end with the assistant answer")
-    prompt = tokenizer.apply_chat_template(list(messages[:-1]), tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(list(messages), tokenize=False)
-    if not full.startswith(prompt):
-        raise ValueError("the chat template does not render the prompt as a prefix of the full conversation")
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
-    return list(prompt_ids) + list(answer_ids), len(prompt_ids)
-
-
-@torch.no_grad()
-def token_nll(model: Any, tokenizer: Any, conversations: Sequence[Sequence[dict[str, str]]], *,
-              batch_size: int = 8, progress: bool = True) -> dict[str, np.ndarray]:
-    """Per-example sums of token NLLs (nats) and token counts, for the answer and the full text.
-
-    Batches are right-padded with an attention mask, examples sorted by length to waste less
-    padding; the result is in input order and does not depend on ``batch_size``."""
-    encoded = [tokenize_for_perplexity(tokenizer, conv) for conv in conversations]
-    n = len(encoded)
-    out = {k: np.zeros(n) for k in ("answer_nll", "answer_tokens", "full_nll", "full_tokens")}
-    order = sorted(range(n), key=lambda i: len(encoded[i][0]))
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    was_training = model.training
-    model.eval()
-    for start in pbar(range(0, n, batch_size), desc="perplexity", enabled=progress):
-        batch = order[start:start + batch_size]
-        width = max(len(encoded[i][0]) for i in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        answer = torch.zeros((len(batch), width), dtype=torch.bool)
-        for row, i in enumerate(batch):
-            seq, n_prompt = encoded[i]
-            ids[row, :len(seq)] = torch.tensor(seq)
-            mask[row, :len(seq)] = 1
-            answer[row, n_prompt:len(seq)] = True
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        # position t predicts token t+1; only real (unpadded) targets are scored, in fp32
-        full_mask, answer_mask = mask[:, 1:].bool(), answer[:, 1:]
-        nll = torch.zeros(full_mask.shape, dtype=torch.float64)
-        valid = full_mask.to(device)
-        nll[full_mask] = F.cross_entropy(logits[:, :-1][valid].float(), ids[:, 1:].to(device)[valid],
-                                         reduction="none").cpu().double()
-        for row, i in enumerate(batch):
-            out["full_nll"][i] = nll[row][full_mask[row]].sum().item()
-            out["full_tokens"][i] = full_mask[row].sum().item()
-            out["answer_nll"][i] = nll[row][answer_mask[row]].sum().item()
-            out["answer_tokens"][i] = answer_mask[row].sum().item()
-    model.train(was_training)
-    return out
-
-
-def answer_perplexity(nll: dict[str, np.ndarray], idx: np.ndarray | None = None) -> float:
-    """Token-weighted answer perplexity: exp(total answer NLL / total answer tokens)."""
-    idx = np.arange(len(nll["answer_nll"])) if idx is None else idx
-    return math.exp(nll["answer_nll"][idx].sum() / nll["answer_tokens"][idx].sum())
-
-
-def original_perplexity(nll: dict[str, np.ndarray]) -> dict[str, float]:
-    """The original notebook's variant: each example's mean loss over its FULL text (prompt and
-    answer), averaged over examples, then exponentiated; ``mean_example_ppl`` (the mean of the
-    per-example perplexities) is given alongside for reference."""
-    losses = nll["full_nll"] / nll["full_tokens"]
-    return {"ppl": float(math.exp(losses.mean())), "mean_example_ppl": float(np.exp(losses).mean())}
-
-
-def perplexity_report(nll: dict[str, np.ndarray], *, samples: int, seed: int) -> dict[str, Any]:
-    """Both perplexity variants, labelled; the answer-token one with a bootstrap interval."""
-    n = len(nll["answer_nll"])
-    return {
-        "answer_token_weighted": {
-            "label": "answer tokens only, token-weighted (total NLL / total tokens)",
-            **bootstrap_ci(lambda idx: answer_perplexity(nll, idx), n, samples=samples, seed=seed),
-            "tokens": int(nll["answer_tokens"].sum()), "examples": n,
-        },
-        "original_per_example_full_text": {
-            "label": "original (per-example mean, full text)", **original_perplexity(nll),
-            "tokens": int(nll["full_tokens"].sum()), "examples": n,
-        },
     }
 
 

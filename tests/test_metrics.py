@@ -1,15 +1,9 @@
-"""Metrics on fixed strings with known values, the bootstrap, behaviour flags, and perplexity on a
-tiny randomly initialised Llama (batched == one at a time == the model's own loss)."""
+"""Metrics on fixed strings with known values, the bootstrap and behaviour flags."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from hb_utils import metrics as M
 
@@ -168,87 +162,3 @@ def test_implementations_name_versions():
     impl = M.implementations()
     assert "rouge-score 0.1.2" in impl["rouge"]
     assert "sacrebleu" in impl["bleu"] and "tok:13a" in impl["bleu"]
-
-
-# --------------------------------------------------------------------------- perplexity
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def _conv(q: str, a: str) -> list[dict[str, str]]:
-    return [{"role": "system", "content": "You are HealthBot."}, {"role": "user", "content": q},
-            {"role": "assistant", "content": a}]
-
-
-CONVS = [
-    _conv("What is asthma?", "Asthma is a chronic disease of the airways."),
-    _conv("What are the symptoms of type 2 diabetes?", "Thirst, frequent urination and tiredness. See a doctor."),
-    _conv("Is BMI 28 high?", "It is overweight."),
-    _conv("How does hypertension affect the heart?", "High blood pressure makes the heart work harder and can "
-          "thicken its muscle over many years, raising the risk of heart failure."),
-    _conv("Hi", "Hello."),
-]
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    corpus = [m["content"] for c in CONVS for m in c] * 3
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0))
-    return model.eval(), tokenizer
-
-
-def test_prompt_is_masked(tiny):
-    _, tokenizer = tiny
-    ids, n_prompt = M.tokenize_for_perplexity(tokenizer, CONVS[0])
-    assert tokenizer.decode(ids[:n_prompt]).endswith("<|im_start|>assistant\n")
-    assert tokenizer.decode(ids[n_prompt:]) == "Asthma is a chronic disease of the airways.<|im_end|>\n"
-
-
-def test_batched_equals_one_at_a_time_and_model_loss(tiny):
-    model, tokenizer = tiny
-    batched = M.token_nll(model, tokenizer, CONVS, batch_size=4, progress=False)
-    single = M.token_nll(model, tokenizer, CONVS, batch_size=1, progress=False)
-    for k in batched:
-        np.testing.assert_allclose(batched[k], single[k], rtol=1e-5)
-    # independent check against the model's own loss, one example at a time
-    for i, conv in enumerate(CONVS):
-        ids, n_prompt = M.tokenize_for_perplexity(tokenizer, conv)
-        x = torch.tensor([ids])
-        with torch.no_grad():
-            full = model(input_ids=x, labels=x).loss.item()
-            labels = x.clone()
-            labels[0, :n_prompt] = -100
-            ans = model(input_ids=x, labels=labels).loss.item()
-        assert batched["full_nll"][i] / batched["full_tokens"][i] == pytest.approx(full, rel=1e-5)
-        assert batched["answer_nll"][i] / batched["answer_tokens"][i] == pytest.approx(ans, rel=1e-5)
-        assert batched["answer_tokens"][i] == len(ids) - n_prompt
-        assert batched["full_tokens"][i] == len(ids) - 1
-
-
-def test_perplexity_variants(tiny):
-    model, tokenizer = tiny
-    nll = M.token_nll(model, tokenizer, CONVS, batch_size=2, progress=False)
-    rep = M.perplexity_report(nll, samples=100, seed=0)
-    weighted = rep["answer_token_weighted"]
-    assert weighted["value"] == pytest.approx(math.exp(nll["answer_nll"].sum() / nll["answer_tokens"].sum()))
-    assert weighted["ci_low"] <= weighted["value"] <= weighted["ci_high"]
-    orig = rep["original_per_example_full_text"]
-    assert orig["label"] == "original (per-example mean, full text)"
-    losses = nll["full_nll"] / nll["full_tokens"]
-    assert orig["ppl"] == pytest.approx(math.exp(np.mean(losses)))
-    assert orig["mean_example_ppl"] == pytest.approx(np.mean(np.exp(losses)))
-    # a random model over a ~400-token vocabulary: perplexity in the hundreds, not ~1
-    assert 50 < weighted["value"] < 2000

@@ -321,15 +321,28 @@ def test_4bit_training_model_keeps_gradients_after_an_eval_pass(tiny_model_dir, 
         assert torch.equal(a, b)
 
 
-def test_bf16_inference_keeps_bnb_fast_path_fp32_does_not(tiny_model_dir, tmp_path):
+def test_4bit_inference_on_cpu_uses_the_dequantize_path_in_every_dtype(tiny_model_dir, tmp_path):
+    """bnb's fused CPU kernel is slower for batched work, not exact and not differentiable: no 4-bit CPU
+    model may keep it, and an evaluation pass must not repack any weight for it."""
     import bitsandbytes as bnb
 
-    def flags(compute_dtype: str) -> set:
-        model = M.load_base_model(tiny_cfg(tiny_model_dir, tmp_path, load_in_4bit=True, compute_dtype=compute_dtype))
-        return {m.support_avx512bf16_for_cpu for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}
+    from hb_utils import perplexity
 
-    assert flags("fp32") == {False}
-    assert flags("bf16") == {bool(bnb.functional.has_avx512bf16())}
+    def model(compute_dtype: str):
+        return M.load_base_model(tiny_cfg(tiny_model_dir, tmp_path, load_in_4bit=True, compute_dtype=compute_dtype))
+
+    for dtype in ("fp32", "bf16"):
+        assert {m.support_avx512bf16_for_cpu for m in model(dtype).modules()
+                if isinstance(m, bnb.nn.Linear4bit)} == {False}
+    m = model("bf16")
+    assert not any(getattr(mod.weight.quant_state, "packing_format_for_cpu", False)
+                   for mod in m.modules() if isinstance(mod, bnb.nn.Linear4bit))
+    tok = M.load_tokenizer(str(tiny_model_dir))
+    convs = [[{"role": "user", "content": "q" * (i + 3)}, {"role": "assistant", "content": "a b c " * (i + 1)}]
+             for i in range(4)]
+    perplexity.token_nll(m, tok, convs, batch_size=4, progress=False)
+    assert not any(getattr(mod.weight.quant_state, "packing_format_for_cpu", False)
+                   for mod in m.modules() if isinstance(mod, bnb.nn.Linear4bit)), "an eval pass repacked a weight"
 
 
 # --------------------------------------------------------------------------- adapters
