@@ -123,6 +123,7 @@ def run_original(cfg, train: list[dict], workdir: Path, clock, dtype):
 
     from hb_utils import modeling
 
+    cfg = cfg.replace(attn_implementation="sdpa")  # transformers' default attention, as the original had
     tokenizer = modeling.load_tokenizer(cfg.model_name)
     tokenizer.pad_token = tokenizer.eos_token  # as the original: pad = eos (end-of-turn)
     texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in train]

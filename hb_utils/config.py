@@ -49,8 +49,10 @@ TRAIN_FIELDS = DATA_FIELDS + (
     "gradient_checkpointing", "group_by_length", "eval_steps", "save_steps",
     "load_best_model", "completion_only_loss", "seed",
 )
-# Bookkeeping only: never part of any fingerprint.
-NON_RESULT_FIELDS = ("experiment", "output_root", "overwrite", "report_to", "resume", "progress")
+# Bookkeeping, and kernel choices that compute the same thing (only rounding differs): never part of any
+# fingerprint, so they can change between training and evaluation.
+NON_RESULT_FIELDS = ("experiment", "output_root", "overwrite", "report_to", "resume", "progress",
+                     "attn_implementation")
 
 
 def _f(default: Any, help: str, **meta: Any) -> Any:
@@ -94,6 +96,8 @@ class ExperimentConfig:
     bnb_4bit_double_quant: bool = _f(True, "Double quantization of the 4-bit constants.")
     compute_dtype: str = _f("auto", "auto (bf16 where supported, else fp16 on GPU / fp32 on CPU), bf16, fp16, fp32.",
                             choices=("auto", "bf16", "fp16", "fp32"))
+    attn_implementation: str = _f("auto", "Attention kernel: auto (eager on CPU, where its backward is faster than "
+                                  "SDPA's; sdpa on GPU), eager, sdpa.", choices=("auto", "eager", "sdpa"))
     # --- LoRA ---
     lora_r: int = _f(8, "LoRA rank.", min=1)
     lora_alpha: int = _f(16, "LoRA alpha; the adapter output is scaled by alpha / r.", min=1)

@@ -39,6 +39,7 @@ from hb_utils import data, modeling, paths
 from hb_utils.config import ExperimentConfig
 from hb_utils.errors import ConfigError, DataError, RunError
 from hb_utils.progress import is_headless
+from hb_utils.sft_trainer import SupervisedLogitsSFTTrainer
 
 CHECKPOINT_META = "hb_meta.json"  # in RunPaths.checkpoints: which train fingerprint made the checkpoints
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -166,38 +167,6 @@ def build_sft_config(cfg: ExperimentConfig, *, output_dir: str | Path | None = N
         report_to="none" if cfg.report_to == "none" else [cfg.report_to],
         disable_tqdm=quiet,
     )
-
-
-# --------------------------------------------------------------------------- trainer
-class SupervisedLogitsSFTTrainer(SFTTrainer):
-    """TRL's SFTTrainer with a loss that projects only the positions predicting a supervised token.
-
-    TRL computes its loss with a fused, tiled LM head (a Triton kernel on GPU; elsewhere a Python loop over
-    vocabulary tiles with fp32 accumulation), which takes a third of a training step on CPU. This override
-    (TRL's documented extension point: subclass and override ``compute_loss``) asks the model itself for the
-    logits of exactly those positions (transformers' ``logits_to_keep`` boolean mask) and takes the same
-    loss as TRL's ``nll``: the summed token NLL divided by the supervised tokens of the whole accumulated
-    batch (``num_items_in_batch``); TRL's entropy / token-accuracy logs are left out. Any other TRL loss
-    setting falls back to TRL's implementation.
-    """
-
-    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Any:
-        if (return_outputs or self.compute_loss_func is not None or self.label_smoother is not None
-                or self.args.loss_type != "nll" or self.aux_loss_enabled or "labels" not in inputs):
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        targets = inputs["labels"][:, 1:]  # position p predicts token p + 1
-        keep = torch.zeros_like(inputs["labels"], dtype=torch.bool)
-        keep[:, :-1] = targets != -100
-        forward = {k: v for k, v in inputs.items() if k != "labels"}
-        logits = model(**forward, use_cache=False, logits_to_keep=keep).logits  # [supervised tokens, vocab]
-        wanted = targets[keep[:, :-1]]
-        nll = torch.nn.functional.cross_entropy(logits.float(), wanted, reduction="sum")
-        count = num_items_in_batch if num_items_in_batch is not None else wanted.numel()
-        loss = nll / torch.as_tensor(count, device=nll.device).clamp(min=1)
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-        return loss
 
 
 # --------------------------------------------------------------------------- callbacks

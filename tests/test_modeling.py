@@ -236,6 +236,17 @@ def test_resolve_compute_dtype_policy(monkeypatch):
         M.resolve_compute_dtype("float8")
 
 
+def test_attention_kernel_policy_reaches_the_model(tiny_model_dir, tmp_path):
+    assert M.resolve_attn_implementation("auto", "cpu") == "eager"
+    assert M.resolve_attn_implementation("auto", "cuda") == "sdpa"
+    assert M.resolve_attn_implementation("sdpa", "cpu") == "sdpa"
+    for setting, expected in (("auto", "eager"), ("sdpa", "sdpa")):
+        model = M.load_base_model(tiny_cfg(tiny_model_dir, tmp_path, attn_implementation=setting))
+        assert model.config._attn_implementation == expected
+    a, b = (ExperimentConfig(attn_implementation=v) for v in ("eager", "sdpa"))
+    assert a.fingerprints() == b.fingerprints()  # a kernel choice: adapters stay usable across it
+
+
 def test_quantization_and_lora_config_follow_cfg():
     cfg = ExperimentConfig(compute_dtype="fp32", bnb_4bit_quant_type="fp4", bnb_4bit_double_quant=False,
                            lora_r=4, lora_alpha=32, lora_dropout=0.1, lora_target_modules=["q_proj"])
