@@ -10,18 +10,24 @@ schedule and compute dtype. Variants:
 * ``original``      the original notebook's method: the full chat text tokenized per example, pad = eos,
                     transformers' ``DataCollatorForLanguageModeling(mlm=False)`` (which masks every pad-id
                     token, so every end-of-turn token, out of the loss), full-sequence loss, gradient
-                    checkpointing on, plain ``transformers.Trainer``.
+                    checkpointing on, plain ``transformers.Trainer``, transformers' default attention (SDPA).
 * ``project``       hb_utils.training as configured for Experiment 1 (TRL SFTTrainer, prompt/completion,
-                    loss on the answer + end-of-turn only, gradient checkpointing on).
+                    loss on the answer + end-of-turn only, gradient checkpointing on; ``attn_implementation:
+                    auto``, i.e. eager attention on CPU).
 * ``project_fast``  the same with the two levers that pay on CPU: ``gradient_checkpointing=False`` (the model
-                    is small, activations fit) and ``group_by_length=True`` (less padding).
+                    is small, activations fit) and ``group_by_length=True`` (less padding) -- what
+                    ``params/cpu_exp1_fast.yaml`` runs.
 
 Each variant runs in its own subprocess (so its peak RSS is its own) with ``--threads`` torch threads. Speed
 is measured over the optimizer steps only (model loading, final save excluded). Quality: the token-weighted
 loss of the *answer + end-of-turn tokens* of the same validation examples, computed the same way for every
 variant after training (a variant's own training loss is not comparable: the original's covers the prompt).
-Not measured: padding-free/packed batches — TRL documents them for FlashAttention only, so on CPU (SDPA)
-example boundaries are not guaranteed.
+
+Not used: padding-free batches. transformers 5 would keep example boundaries (it builds a block-diagonal
+mask from packed ``position_ids`` for SDPA and eager attention too), but TRL allows ``padding_free`` without
+packing only when ``max_length`` is unset, and packing changes how many examples make a step. Tried and
+dropped: a larger per-device batch at the same effective batch (8 x 1: slower, 5.4 GB), and running the
+system turn shared by a micro-batch once (see hb_utils.sft_trainer).
 """
 
 from __future__ import annotations

@@ -17,7 +17,10 @@ Why this module exists:
   ``eos_token`` the template's end-of-turn token (``<|im_end|>`` for SmolLM2's ChatML, ``</s>``
   for TinyLlama's Zephyr) and picks a pad token different from it.
 * **One dtype policy** (:func:`resolve_compute_dtype`) and **one 4-bit path**: bitsandbytes >= 0.49
-  runs NF4 on CPU too, so CPU and GPU share the QLoRA code path.
+  runs NF4 on CPU too, so CPU and GPU share the QLoRA code path. On CPU every 4-bit layer stays on
+  bitsandbytes' dequantize + matmul path (:func:`use_dequantize_matmul_path`: exact, differentiable,
+  and faster for the batched work the project does than the fused kernel bitsandbytes would pick).
+* **Attention kernel** (:func:`resolve_attn_implementation`): eager on CPU, SDPA on GPU.
 * **Adapters never mix with another base/config**: :func:`load_adapter_model` checks
   ``hb_meta.json`` (written by training through :func:`write_adapter_meta`).
 """

@@ -3,6 +3,7 @@ with and without the shared-prefix cache."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -146,3 +147,22 @@ def test_prefix_reaching_the_answer(tiny):
 def test_no_examples():
     out = P.token_nll(None, None, [], progress=False)
     assert all(len(v) == 0 for v in out.values())
+
+
+def test_shared_prefix_through_a_peft_model_and_with_the_adapter_disabled(tiny):
+    """04 scores a PeftModel, and the base model through ``disable_adapter()``: the prefix cache must be
+    built under the same adapter state as the rest (it is: token_nll runs the prefix itself)."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = tiny
+    torch.manual_seed(1)
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                 init_lora_weights=False)).eval()
+    adapted = P.token_nll(peft_model, tokenizer, CONVS, batch_size=2, progress=False)
+    whole = P.token_nll(peft_model, tokenizer, CONVS, batch_size=2, progress=False, share_prefix=False)
+    np.testing.assert_allclose(adapted["full_nll"], whole["full_nll"], rtol=1e-5)
+    with peft_model.disable_adapter():
+        base = P.token_nll(peft_model, tokenizer, CONVS, batch_size=2, progress=False)
+    np.testing.assert_allclose(base["full_nll"], P.token_nll(model, tokenizer, CONVS, progress=False)["full_nll"],
+                               rtol=1e-5)
+    assert not np.allclose(adapted["full_nll"], base["full_nll"])  # the adapter does change the scores
