@@ -13,7 +13,7 @@ schedule and compute dtype. Variants:
                     checkpointing on, plain ``transformers.Trainer``, transformers' default attention (SDPA).
 * ``project``       hb_utils.training as configured for Experiment 1 (TRL SFTTrainer, prompt/completion,
                     loss on the answer + end-of-turn only, gradient checkpointing on; ``attn_implementation:
-                    auto``, i.e. eager attention on CPU).
+                    auto``, i.e. eager attention to train on CPU).
 * ``project_fast``  the same with the two levers that pay on CPU: ``gradient_checkpointing=False`` (the model
                     is small, activations fit) and ``group_by_length=True`` (less padding) -- what
                     ``params/cpu_exp1_fast.yaml`` runs.
@@ -45,7 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("original", "project", "project_fast")
-EXTRA_VARIANTS = ("project_fast_trl_loss",)  # lever check: TRL's own fused-head loss instead of ours
+EXTRA_VARIANTS = ("project_fast_trl_loss", "project_fast_compile")  # lever checks: TRL's own loss; torch.compile
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -162,6 +162,7 @@ def run_project(cfg, train: list[dict], workdir: Path, clock, name: str):
     tokenizer = modeling.load_tokenizer(cfg.model_name)
     args = training.build_sft_config(cfg, output_dir=workdir / name, has_eval=False)
     args.disable_tqdm = True
+    args.torch_compile = name.endswith("compile")
     trainer_class = SFTTrainer if name.endswith("trl_loss") else training.SupervisedLogitsSFTTrainer
     trainer = trainer_class(model=modeling.load_base_model(cfg, for_training=True), args=args,
                          train_dataset=training.to_prompt_completion(train), processing_class=tokenizer,

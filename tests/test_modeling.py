@@ -237,11 +237,14 @@ def test_resolve_compute_dtype_policy(monkeypatch):
 
 
 def test_attention_kernel_policy_reaches_the_model(tiny_model_dir, tmp_path):
-    assert M.resolve_attn_implementation("auto", "cpu") == "eager"
-    assert M.resolve_attn_implementation("auto", "cuda") == "sdpa"
-    assert M.resolve_attn_implementation("sdpa", "cpu") == "sdpa"
-    for setting, expected in (("auto", "eager"), ("sdpa", "sdpa")):
-        model = M.load_base_model(tiny_cfg(tiny_model_dir, tmp_path, attn_implementation=setting))
+    assert M.resolve_attn_implementation("auto", "cpu", for_training=True) == "eager"
+    assert M.resolve_attn_implementation("auto", "cpu") == "sdpa"
+    assert M.resolve_attn_implementation("auto", "cuda", for_training=True) == "sdpa"
+    assert M.resolve_attn_implementation("sdpa", "cpu", for_training=True) == "sdpa"
+    assert M.resolve_attn_implementation("eager", "cpu") == "eager"
+    for setting, training, expected in (("auto", True, "eager"), ("auto", False, "sdpa"), ("sdpa", True, "sdpa")):
+        model = M.load_base_model(tiny_cfg(tiny_model_dir, tmp_path, attn_implementation=setting),
+                                  for_training=training)
         assert model.config._attn_implementation == expected
     a, b = (ExperimentConfig(attn_implementation=v) for v in ("eager", "sdpa"))
     assert a.fingerprints() == b.fingerprints()  # a kernel choice: adapters stay usable across it
