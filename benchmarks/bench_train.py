@@ -12,8 +12,7 @@ schedule and compute dtype. Variants:
                     token, so every end-of-turn token, out of the loss), full-sequence loss, gradient
                     checkpointing on, plain ``transformers.Trainer``, transformers' default attention (SDPA).
 * ``project``       hb_utils.training as configured for Experiment 1 (TRL SFTTrainer, prompt/completion,
-                    loss on the answer + end-of-turn only, gradient checkpointing on; ``attn_implementation:
-                    auto``, i.e. eager attention to train on CPU).
+                    loss on the answer + end-of-turn only, gradient checkpointing on).
 * ``project_fast``  the same with the two levers that pay on CPU: ``gradient_checkpointing=False`` (the model
                     is small, activations fit) and ``group_by_length=True`` (less padding) -- what
                     ``params/cpu_exp1_fast.yaml`` runs.
@@ -28,7 +27,8 @@ mask from packed ``position_ids`` for SDPA and eager attention too), but TRL all
 packing only when ``max_length`` is unset, and packing changes how many examples make a step. Tried and
 dropped: a larger per-device batch at the same effective batch (8 x 1: slower, 5.4 GB; 4 x 2: +3%),
 running the system turn shared by a micro-batch once (see hb_utils.sft_trainer), and ``torch_compile``
-(no gain over 4 steps).
+(compiling had not finished 4 steps after 8 minutes), and eager attention (``attn_implementation: eager``:
++7 % at max_length 256 without checkpointing, equal at 512, 4 % slower with checkpointing).
 """
 
 from __future__ import annotations
@@ -130,7 +130,6 @@ def run_original(cfg, train: list[dict], workdir: Path, clock, dtype):
 
     from hb_utils import modeling
 
-    cfg = cfg.replace(attn_implementation="sdpa")  # transformers' default attention, as the original had
     tokenizer = modeling.load_tokenizer(cfg.model_name)
     tokenizer.pad_token = tokenizer.eos_token  # as the original: pad = eos (end-of-turn)
     texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in train]

@@ -20,7 +20,6 @@ Why this module exists:
   runs NF4 on CPU too, so CPU and GPU share the QLoRA code path. On CPU every 4-bit layer stays on
   bitsandbytes' dequantize + matmul path (:func:`use_dequantize_matmul_path`: exact, differentiable,
   and faster for the batched work the project does than the fused kernel bitsandbytes would pick).
-* **Attention kernel** (:func:`resolve_attn_implementation`): eager to train on CPU, SDPA otherwise.
 * **Adapters never mix with another base/config**: :func:`load_adapter_model` checks
   ``hb_meta.json`` (written by training through :func:`write_adapter_meta`).
 """
@@ -331,18 +330,6 @@ def resolve_compute_dtype(setting: str, device: torch.device | str | None = None
     return torch.float32
 
 
-def resolve_attn_implementation(setting: str, device: torch.device | str | None = None, *,
-                                for_training: bool = False) -> str:
-    """``auto``: eager attention to train on CPU, SDPA otherwise. On CPU, PyTorch's SDPA backward is the
-    slowest op of a training step (14% of it for SmolLM2 at max_length 256; eager's matmul + softmax
-    backward take a third of that: 7% more examples/s), while SDPA's forward is faster (batched
-    perplexity 4.1 s vs 5.3 s, generation 13.4 s vs 16.5 s in ``benchmarks/bench_eval.py``)."""
-    if setting != "auto":
-        return setting
-    device = torch.device(device) if device is not None else _default_device()
-    return "eager" if device.type == "cpu" and for_training else "sdpa"
-
-
 def quantization_config(cfg: ExperimentConfig) -> BitsAndBytesConfig | None:
     """The bitsandbytes 4-bit config (QLoRA: NF4 + double quantization by default), or None."""
     if not cfg.load_in_4bit:
@@ -397,8 +384,7 @@ def load_base_model(cfg: ExperimentConfig, *, for_training: bool = False) -> Pre
         hf_logging.disable_progress_bar()
     path = resolve_model_path(cfg.model_name)
     dtype = resolve_compute_dtype(cfg.compute_dtype)
-    attn = resolve_attn_implementation(cfg.attn_implementation, for_training=for_training)
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn}
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
     qconf = quantization_config(cfg)
     if qconf is not None:
         kwargs["quantization_config"] = qconf
