@@ -26,7 +26,7 @@ Not used: padding-free batches. transformers 5 would keep example boundaries (it
 mask from packed ``position_ids`` for SDPA and eager attention too), but TRL allows ``padding_free`` without
 packing only when ``max_length`` is unset, and packing changes how many examples make a step. Tried and
 dropped: a larger per-device batch at the same effective batch (8 x 1: slower, 5.4 GB; 4 x 2: +3%),
-running the system turn shared by a micro-batch once (see hb_utils.sft_trainer), and ``torch_compile``
+running the system turn shared by a micro-batch once (see hb_utils.sft_trainer), ``torch_compile``
 (compiling had not finished 4 steps after 8 minutes), and eager attention (``attn_implementation: eager``:
 +7 % at max_length 256 without checkpointing, equal at 512, 4 % slower with checkpointing).
 """

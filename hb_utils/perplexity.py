@@ -101,6 +101,7 @@ def token_nll(model: Any, tokenizer: Any, conversations: Sequence[Sequence[dict[
     prefix = _run_prefix(model, encoded[0][0][:p], device) if p >= 2 else None
     if prefix is None:
         p = 0
+    cache, prefix_nll, last_logits = prefix if prefix is not None else (None, 0.0, None)
     order = sorted(range(n), key=lambda i: len(encoded[i][0]))
     for start in pbar(range(0, n, batch_size), desc="perplexity", enabled=progress):
         batch = order[start:start + batch_size]
@@ -117,11 +118,10 @@ def token_nll(model: Any, tokenizer: Any, conversations: Sequence[Sequence[dict[
         # nll[:, j] is the NLL of batch token j; token 0 is predicted by the prefix's last position
         nll = torch.zeros((rows, width), dtype=torch.float64)
         scored = mask.bool()
-        if prefix is None:
+        if cache is None:
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
             scored[:, 0] = False  # the first token of a sequence has no prediction
         else:
-            cache, prefix_nll, last_logits = prefix
             batch_cache = copy.deepcopy(cache)
             batch_cache.batch_repeat_interleave(rows)
             full_mask = torch.cat([torch.ones((rows, p), dtype=torch.long), mask], dim=1)
@@ -132,7 +132,7 @@ def token_nll(model: Any, tokenizer: Any, conversations: Sequence[Sequence[dict[
         nll[:, 1:][scored[:, 1:]] = F.cross_entropy(logits[:, :-1][valid].float(), ids[:, 1:].to(device)[valid],
                                                     reduction="none").cpu().double()
         for row, i in enumerate(batch):
-            out["full_nll"][i] = nll[row][scored[row]].sum().item() + (prefix[1] if prefix else 0.0)
+            out["full_nll"][i] = nll[row][scored[row]].sum().item() + prefix_nll
             out["full_tokens"][i] = scored[row].sum().item() + max(p - 1, 0)
             out["answer_nll"][i] = nll[row][answer[row] & scored[row]].sum().item()
             out["answer_tokens"][i] = (answer[row] & scored[row]).sum().item()

@@ -60,6 +60,18 @@ def test_prompt_is_masked(tiny):
     assert tokenizer.decode(ids[n_prompt:]) == "Asthma is a chronic disease of the airways.<|im_end|>\n"
 
 
+def _reference(model, tokenizer, conv) -> tuple[float, float, int, int]:
+    """The model's own mean losses (full text, answer only) and token counts, one example at a time."""
+    ids, n_prompt = P.tokenize_for_perplexity(tokenizer, conv)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        full = model(input_ids=x, labels=x).loss.item()
+        labels = x.clone()
+        labels[0, :n_prompt] = -100
+        ans = model(input_ids=x, labels=labels).loss.item()
+    return full, ans, len(ids) - 1, len(ids) - n_prompt
+
+
 def test_batched_equals_one_at_a_time_and_model_loss(tiny):
     model, tokenizer = tiny
     batched = P.token_nll(model, tokenizer, CONVS, batch_size=4, progress=False)
@@ -68,17 +80,11 @@ def test_batched_equals_one_at_a_time_and_model_loss(tiny):
         np.testing.assert_allclose(batched[k], single[k], rtol=1e-5)
     # independent check against the model's own loss, one example at a time
     for i, conv in enumerate(CONVS):
-        ids, n_prompt = P.tokenize_for_perplexity(tokenizer, conv)
-        x = torch.tensor([ids])
-        with torch.no_grad():
-            full = model(input_ids=x, labels=x).loss.item()
-            labels = x.clone()
-            labels[0, :n_prompt] = -100
-            ans = model(input_ids=x, labels=labels).loss.item()
+        full, ans, n_full, n_ans = _reference(model, tokenizer, conv)
         assert batched["full_nll"][i] / batched["full_tokens"][i] == pytest.approx(full, rel=1e-5)
         assert batched["answer_nll"][i] / batched["answer_tokens"][i] == pytest.approx(ans, rel=1e-5)
-        assert batched["answer_tokens"][i] == len(ids) - n_prompt
-        assert batched["full_tokens"][i] == len(ids) - 1
+        assert batched["answer_tokens"][i] == n_ans
+        assert batched["full_tokens"][i] == n_full
 
 
 def test_perplexity_variants(tiny):
@@ -95,18 +101,6 @@ def test_perplexity_variants(tiny):
     assert orig["mean_example_ppl"] == pytest.approx(np.mean(np.exp(losses)))
     # a random model over a ~400-token vocabulary: perplexity in the hundreds, not ~1
     assert 50 < weighted["value"] < 2000
-
-
-def _reference(model, tokenizer, conv) -> tuple[float, float, int, int]:
-    """The model's own mean losses (full text, answer only) and token counts, one example at a time."""
-    ids, n_prompt = P.tokenize_for_perplexity(tokenizer, conv)
-    x = torch.tensor([ids])
-    with torch.no_grad():
-        full = model(input_ids=x, labels=x).loss.item()
-        labels = x.clone()
-        labels[0, :n_prompt] = -100
-        ans = model(input_ids=x, labels=labels).loss.item()
-    return full, ans, len(ids) - 1, len(ids) - n_prompt
 
 
 def test_shared_prefix_is_the_system_turn(tiny):
