@@ -46,7 +46,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("original", "project", "project_fast")
-EXTRA_VARIANTS = ("project_fast_trl_loss",)  # lever check: TRL's own fused-head loss instead of ours
+# lever checks: TRL's own fused-head loss instead of ours; PEFT's nn.Dropout instead of hb_utils.lora_dropout;
+# eager attention instead of SDPA
+EXTRA_VARIANTS = ("project_fast_trl_loss", "project_fast_torch_dropout", "project_fast_eager")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -157,7 +159,7 @@ def run_project(cfg, train: list[dict], workdir: Path, clock, name: str):
     """hb_utils.training's own building blocks (what training.prepare assembles), without the run directory."""
     from trl import SFTTrainer
 
-    from hb_utils import modeling, training
+    from hb_utils import lora_dropout, modeling, training
 
     tokenizer = modeling.load_tokenizer(cfg.model_name)
     args = training.build_sft_config(cfg, output_dir=workdir / name, has_eval=False)
@@ -166,6 +168,8 @@ def run_project(cfg, train: list[dict], workdir: Path, clock, name: str):
     trainer = trainer_class(model=modeling.load_base_model(cfg, for_training=True), args=args,
                          train_dataset=training.to_prompt_completion(train), processing_class=tokenizer,
                          peft_config=modeling.lora_config(cfg), callbacks=[clock])
+    if cfg.fast_lora_dropout:
+        lora_dropout.install(trainer.model)
     trainer.train()
     return trainer.model, tokenizer, trainer.state.log_history
 
@@ -181,6 +185,10 @@ def child(args: argparse.Namespace) -> None:
     cfg = base_config(args, workdir)
     if args.child.startswith("project_fast"):
         cfg = cfg.replace(gradient_checkpointing=False, group_by_length=True)
+    if args.child.endswith("torch_dropout"):
+        cfg = cfg.replace(fast_lora_dropout=False)
+    if args.child.endswith("eager"):
+        cfg = cfg.replace(attn_implementation="eager")
     dtype = modeling.resolve_compute_dtype(cfg.compute_dtype)
     clock = make_clock()
     if args.child == "original":

@@ -43,7 +43,7 @@ DATA_FIELDS = (
 )
 TRAIN_FIELDS = DATA_FIELDS + (
     "model_name", "max_length", "load_in_4bit", "bnb_4bit_quant_type", "bnb_4bit_double_quant",
-    "compute_dtype", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+    "compute_dtype", "lora_r", "lora_alpha", "lora_dropout", "fast_lora_dropout", "lora_target_modules",
     "learning_rate", "batch_size", "eval_batch_size", "grad_accum", "num_epochs", "max_steps",
     "lr_scheduler", "warmup_ratio", "weight_decay", "optim", "max_grad_norm",
     "gradient_checkpointing", "group_by_length", "eval_steps", "save_steps",
@@ -102,6 +102,8 @@ class ExperimentConfig:
     lora_r: int = _f(8, "LoRA rank.", min=1)
     lora_alpha: int = _f(16, "LoRA alpha; the adapter output is scaled by alpha / r.", min=1)
     lora_dropout: float = _f(0.05, "LoRA dropout, in [0, 1).", min=0.0, max_excl=1.0)
+    fast_lora_dropout: bool = _f(True, "On CPU, draw LoRA dropout masks 16 bits at a time (3.5x faster masks, "
+                                 "p rounded to 2**-16, a different random stream); False: PEFT's nn.Dropout.")
     lora_target_modules: list[str] = _f(LORA_TARGETS, "Module names that get LoRA adapters.")
     # --- training ---
     learning_rate: float = _f(2e-4, "Peak learning rate.", min_excl=0.0)

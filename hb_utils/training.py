@@ -35,7 +35,7 @@ from datasets import Dataset
 from transformers import PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from hb_utils import data, modeling, paths
+from hb_utils import data, lora_dropout, modeling, paths
 from hb_utils.config import ExperimentConfig
 from hb_utils.errors import ConfigError, DataError, RunError
 from hb_utils.progress import is_headless
@@ -346,6 +346,8 @@ def prepare(cfg: ExperimentConfig, *, callbacks: Sequence[TrainerCallback] = ())
         trainer = SupervisedLogitsSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                              processing_class=tokenizer, peft_config=modeling.lora_config(cfg),
                                              callbacks=callbacks)
+    if cfg.fast_lora_dropout:
+        lora_dropout.install(trainer.model)
     if args.disable_tqdm:  # headless: one compact line per log instead of raw dicts
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(CompactLogCallback())

@@ -48,6 +48,11 @@ def small_cfg(tmp_path: Path, n: int = 12, **overrides):
 
 
 # --------------------------------------------------------------------------- fast: data, config, helpers
+def lora_dropouts(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [d for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)
+            for d in m.lora_dropout.values()]
+
+
 def record(q: str, a: str) -> dict:
     return {"id": q, "messages": [{"role": "system", "content": "S"}, {"role": "user", "content": q},
                                   {"role": "assistant", "content": a}]}
@@ -236,8 +241,12 @@ def test_real_batch_supervises_exactly_the_answer_and_end_of_turn(tmp_path):
     assert view.startswith("<|im_start|>system\n") and view.endswith(EOT + "\n⟧")
     assert view.count("⟦") == 1 and "assistant\n⟦" in view
 
+    # LoRA dropout: hb_utils.lora_dropout's masks by default, PEFT's nn.Dropout on request
+    assert {type(d).__name__ for d in lora_dropouts(run.trainer.model)} == {"FastDropout"}
+
     # the original behaviour stays reachable: loss on the whole text
-    full = training.prepare(cfg.replace(completion_only_loss=False))
+    full = training.prepare(cfg.replace(completion_only_loss=False, fast_lora_dropout=False))
+    assert {type(d).__name__ for d in lora_dropouts(full.trainer.model)} == {"Dropout"}
     ex = full.trainer.data_collator([full.trainer.train_dataset[0]])
     text = training.supervised_text(tok, ex["input_ids"][0], ex["labels"][0])
     assert text.startswith("<|im_start|>system\n") and text.endswith(EOT + "\n")
