@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hb_utils import attention
 from hb_utils.config import ExperimentConfig
 from hb_utils.errors import ModelError
 from hb_utils.paths import read_json, resolve, write_json
@@ -384,7 +385,10 @@ def load_base_model(cfg: ExperimentConfig, *, for_training: bool = False) -> Pre
         hf_logging.disable_progress_bar()
     path = resolve_model_path(cfg.model_name)
     dtype = resolve_compute_dtype(cfg.compute_dtype)
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
+    attn = cfg.attn_implementation
+    if attn == "auto":  # the per-call choice only matters where gradients flow
+        attn = attention.register() if for_training else "sdpa"
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn}
     qconf = quantization_config(cfg)
     if qconf is not None:
         kwargs["quantization_config"] = qconf

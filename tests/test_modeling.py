@@ -240,6 +240,9 @@ def test_attention_kernel_reaches_the_model_and_no_fingerprint(tiny_model_dir, t
     for setting in ("sdpa", "eager"):
         model = M.load_base_model(tiny_cfg(tiny_model_dir, tmp_path, attn_implementation=setting), for_training=True)
         assert model.config._attn_implementation == setting
+    auto = tiny_cfg(tiny_model_dir, tmp_path, attn_implementation="auto")
+    assert M.load_base_model(auto, for_training=True).config._attn_implementation == "hb_auto"
+    assert M.load_base_model(auto).config._attn_implementation == "sdpa"  # no gradients: SDPA throughout
     a, b = (ExperimentConfig(attn_implementation=v) for v in ("eager", "sdpa"))
     assert a.fingerprints() == b.fingerprints()  # a kernel choice: adapters stay usable across it
     with pytest.raises(ConfigError, match="attn_implementation"):

@@ -1,0 +1,113 @@
+"""hb_utils.attention: the matmul path computes SDPA's attention, and auto picks it only where it should."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.nn import functional as F
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from hb_utils import attention
+from hb_utils.config import ExperimentConfig
+
+B, H, KV, D = 2, 6, 2, 16
+
+
+def qkv(t: int, kv_len: int | None = None, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    kv_len = t if kv_len is None else kv_len
+    shapes = [(B, H, t, D), (B, KV, kv_len, D), (B, KV, kv_len, D)]
+    return [torch.randn(s, generator=g, dtype=torch.float64).requires_grad_() for s in shapes]
+
+
+def module(training: bool = True) -> SimpleNamespace:
+    return SimpleNamespace(num_key_value_groups=H // KV, training=training, is_causal=True)
+
+
+def padded_causal_mask(t: int, lengths: list[int]) -> torch.Tensor:
+    """SDPA's boolean mask for right-padded rows: causal, and no key beyond a row's length."""
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    keys = torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]
+    return (causal[None] & keys[:, None, :])[:, None]
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
+def test_matmul_attention_equals_sdpa_values_and_gradients(mask_kind):
+    t = 12
+    mask = {"none": None, "bool": padded_causal_mask(t, [12, 7]),
+            "float": torch.zeros(B, 1, t, t, dtype=torch.float64).masked_fill(~padded_causal_mask(t, [9, 12]),
+                                                                              float("-inf"))}[mask_kind]
+    q, k, v = qkv(t)
+    got = attention.matmul_attention(module(), q, k, v, mask, scaling=0.3)
+    (got * torch.linspace(-1, 1, D, dtype=torch.float64)).sum().backward()
+    grads = [x.grad.clone() for x in (q, k, v)]
+    q2, k2, v2 = qkv(t)
+    want, _ = sdpa_attention_forward(module(), q2, k2, v2, mask, scaling=0.3)
+    (want * torch.linspace(-1, 1, D, dtype=torch.float64)).sum().backward()
+    assert got.shape == want.shape == (B, t, H, D)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(grads, (q2.grad, k2.grad, v2.grad), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_causal_mask_is_aligned_to_the_last_key_like_sdpa():
+    q, k, v = qkv(3, kv_len=7)  # 3 new queries after 4 cached keys
+    got = attention.matmul_attention(module(), q, k, v, None)
+    aligned = torch.ones(3, 7, dtype=torch.bool).tril(4)
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=aligned)
+    torch.testing.assert_close(got, want.transpose(1, 2))
+    bidirectional = attention.matmul_attention(module(), q, k, v, None, is_causal=False)
+    torch.testing.assert_close(bidirectional, F.scaled_dot_product_attention(
+        q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1)).transpose(1, 2))
+
+
+def test_auto_takes_the_matmul_path_only_for_short_cpu_training_calls(monkeypatch):
+    calls = []
+    real = attention.matmul_attention
+    monkeypatch.setattr(attention, "matmul_attention", lambda *a, **kw: calls.append("matmul") or real(*a, **kw))
+    short = qkv(8)
+    long = qkv(attention.MATMUL_MAX_KEYS + 1)
+    attention.auto_attention_forward(module(), *short, None, scaling=0.25)
+    assert calls == ["matmul"]
+    attention.auto_attention_forward(module(), *long, None, scaling=0.25)  # long batch: SDPA
+    attention.auto_attention_forward(module(training=False), *short, None, scaling=0.25)  # eval: SDPA
+    with torch.no_grad():
+        attention.auto_attention_forward(module(), *short, None, scaling=0.25)  # no graph: SDPA
+    with pytest.raises(ValueError, match="softcap"):  # not matmul attention's formula: SDPA's own error, as before
+        attention.auto_attention_forward(module(), *short, None, scaling=0.25, softcap=30.0)
+    assert calls == ["matmul"]
+
+
+def _tiny_llama(attn: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=50, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, attn_implementation=attn)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).double()
+
+
+def test_a_registered_model_trains_as_with_sdpa():
+    ids = torch.randint(0, 50, (2, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # right padding, as the trainer's collator makes it
+    labels = ids.masked_fill(mask == 0, -100)
+    results = []
+    for attn in (attention.register(), "sdpa"):
+        model = _tiny_llama(attn).train()
+        assert model.config._attn_implementation == attn
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_auto_is_the_default_and_no_fingerprint():
+    assert ExperimentConfig().attn_implementation == "auto"
+    fingerprints = {ExperimentConfig(attn_implementation=v).fingerprint("all") for v in ("auto", "sdpa", "eager")}
+    assert len(fingerprints) == 1
