@@ -3,8 +3,8 @@
     python benchmarks/bench_attention.py                     # SmolLM2's shapes, bf16, 1 thread
     python benchmarks/bench_attention.py --heads 32 --kv-heads 4 --lengths 128,256,512   # TinyLlama's heads
 
-This is where ``hb_utils.attention.MATMUL_MAX_KEYS`` comes from: ``attn_implementation: auto`` uses
-matmul attention for CPU training calls up to that many keys, because PyTorch's fused CPU attention
+This is where ``hb_utils.attention.matmul_max_keys`` comes from: ``attn_implementation: auto`` uses
+matmul attention for CPU training calls up to that many keys (at the current thread count), because PyTorch's fused CPU attention
 has a slow backward for short sequences. Both functions are the ones a model calls (transformers'
 ``sdpa_attention_forward`` and ``hb_utils.attention.matmul_attention``) with a right-padded boolean
 mask as the trainer's batches make it. Prints the median of ``--repeats`` timings and the ratio.
@@ -33,13 +33,13 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from hb_utils.attention import MATMUL_MAX_KEYS, matmul_attention
+    from hb_utils.attention import matmul_attention, matmul_max_keys
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     module = SimpleNamespace(num_key_value_groups=args.heads // args.kv_heads, training=True, is_causal=True)
     print(f"batch {args.batch}, {args.heads}/{args.kv_heads} heads x {args.head_dim}, {args.dtype}, "
-          f"{args.threads} thread(s); auto uses matmul up to {MATMUL_MAX_KEYS} keys")
+          f"{args.threads} thread(s); auto uses matmul up to {matmul_max_keys()} keys")
     print(f"{'keys':>6} {'sdpa ms':>9} {'matmul ms':>10} {'sdpa/matmul':>12}")
     for t in (int(x) for x in args.lengths.split(",")):
         g = torch.Generator().manual_seed(t)

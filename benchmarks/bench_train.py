@@ -1,6 +1,7 @@
 """Training speed: the project's SFT pipeline against the original notebook's method, in one run.
 
     python benchmarks/bench_train.py                      # defaults finish in a few minutes on 2 CPU cores
+    python benchmarks/bench_train.py --repeats 3          # what the README quotes: medians of 3 interleaved rounds
     python benchmarks/bench_train.py --examples 64 --steps 8 --max-length 256 --threads 1
 
 Same model (SmolLM2-135M-Instruct, 4-bit NF4 + the same LoRA config), same MedQuAD training examples
@@ -10,25 +11,33 @@ schedule and compute dtype. Variants:
 * ``original``      the original notebook's method: the full chat text tokenized per example, pad = eos,
                     transformers' ``DataCollatorForLanguageModeling(mlm=False)`` (which masks every pad-id
                     token, so every end-of-turn token, out of the loss), full-sequence loss, gradient
-                    checkpointing on, plain ``transformers.Trainer``, transformers' default attention (SDPA).
+                    checkpointing on, plain ``transformers.Trainer``, transformers' default attention (SDPA),
+                    PEFT's ``nn.Dropout``.
 * ``project``       hb_utils.training as configured for Experiment 1 (TRL SFTTrainer, prompt/completion,
-                    loss on the answer + end-of-turn only, gradient checkpointing on).
-* ``project_fast``  the same with the two levers that pay on CPU: ``gradient_checkpointing=False`` (the model
-                    is small, activations fit) and ``group_by_length=True`` (less padding) -- what
+                    loss on the answer + end-of-turn only, gradient checkpointing on) with the project's
+                    default kernels: ``attn_implementation: auto`` (hb_utils.attention) and
+                    ``fast_lora_dropout`` (hb_utils.lora_dropout).
+* ``project_fast``  the same with the two settings that pay on CPU: ``gradient_checkpointing=False`` (the
+                    model is small, activations fit) and ``group_by_length=True`` (less padding) -- what
                     ``params/cpu_exp1_fast.yaml`` runs.
 
+Lever checks (``--variants``): ``project_fast_sdpa`` / ``project_fast_eager`` (another attention kernel),
+``project_fast_torch_dropout`` (PEFT's ``nn.Dropout``), ``project_fast_trl_loss`` (TRL's own loss).
+
 Each variant runs in its own subprocess (so its peak RSS is its own) with ``--threads`` torch threads. Speed
-is measured over the optimizer steps only (model loading, final save excluded). Quality: the token-weighted
-loss of the *answer + end-of-turn tokens* of the same validation examples, computed the same way for every
-variant after training (a variant's own training loss is not comparable: the original's covers the prompt).
+is measured over the optimizer steps only (model loading, final save excluded). This machine is noisy (the
+same variant varies by 10-15 % between runs), so ``--repeats`` runs all variants in interleaved rounds and
+the report gives each round's ratio and the median. Quality: the token-weighted loss of the *answer +
+end-of-turn tokens* of the same validation examples, computed the same way for every variant after
+training (a variant's own training loss is not comparable: the original's covers the prompt).
 
 Not used: padding-free batches. transformers 5 would keep example boundaries (it builds a block-diagonal
 mask from packed ``position_ids`` for SDPA and eager attention too), but TRL allows ``padding_free`` without
 packing only when ``max_length`` is unset, and packing changes how many examples make a step. Tried and
 dropped: a larger per-device batch at the same effective batch (8 x 1: slower, 5.4 GB; 4 x 2: +3%),
 running the system turn shared by a micro-batch once (see hb_utils.sft_trainer), ``torch_compile``
-(compiling had not finished 4 steps after 8 minutes), and eager attention (``attn_implementation: eager``:
-+7 % at max_length 256 without checkpointing, equal at 512, 4 % slower with checkpointing).
+(compiling had not finished 4 steps after 8 minutes), and eager attention for every call (+7 % at
+max_length 256 without checkpointing, equal at 512, 4 % slower with checkpointing: what led to ``auto``).
 """
 
 from __future__ import annotations

@@ -2,19 +2,23 @@
 
 Why: PyTorch's fused CPU attention (what ``sdpa`` runs on CPU) has a fast forward but a slow
 backward for short sequences. SmolLM2's shapes (batch 2, 9 query / 3 key-value heads, head dim 64,
-bf16, 1 thread; ``python benchmarks/bench_attention.py``), forward + backward per layer:
+bf16; ``python benchmarks/bench_attention.py [--threads 2]``), forward + backward per layer, ms:
 
-    keys      128    192    256    320    384    512
-    SDPA     10.6    9.7   15.3   19.0   23.5   40.2  ms
-    matmul    4.6    6.3   11.1   15.2   27.0   58.4  ms
+    keys                128    160    192    256    320    384    512
+    1 thread   SDPA    10.6           9.7   15.3   19.0   23.5   40.2
+               matmul   4.6           6.3   11.1   15.2   27.0   58.4
+    2 threads  SDPA     6.3    7.5    5.8    8.3   10.2   12.9   20.8
+               matmul   5.0    6.0    8.4    9.2   15.1   19.9   37.0
 
-Matmul attention (two matmuls and a softmax, transformers' "eager" formula) wins up to about 320
-keys; beyond, materializing the score matrix costs more than SDPA's slow backward. Most MedQuAD
-training examples are shorter than that, so a CPU training step with ``attn_implementation: auto``
-picks per call: :func:`auto_attention_forward` uses matmul attention for a CPU forward that builds a
-graph (training) with at most :data:`MATMUL_MAX_KEYS` keys, and transformers' own SDPA function for
-everything else (GPU, evaluation, generation, long batches). Both compute the same attention; only
-rounding differs, so the choice is in no fingerprint.
+Matmul attention (two matmuls and a softmax, transformers' "eager" formula) wins for short
+sequences; beyond, materializing the score matrix costs more than SDPA's backward, and SDPA gains
+more from extra threads. :func:`matmul_max_keys` is the measured crossover, 320 keys at 1 thread,
+divided by the thread count (160 at 2 threads; more threads favour SDPA further, so the rule errs
+toward SDPA there). Most MedQuAD training examples are short, so with ``attn_implementation: auto``
+:func:`auto_attention_forward` uses matmul attention for a CPU forward that builds a graph
+(training) with at most that many keys, and transformers' own SDPA function for everything else
+(GPU, evaluation, generation, long batches). Both compute the same attention; only rounding
+differs, so the choice is in no fingerprint.
 
 :func:`register` adds the function to transformers' ``AttentionInterface`` under :data:`NAME`
 (with SDPA's boolean masks), the documented way to plug in an attention implementation.
@@ -29,7 +33,12 @@ from torch import nn
 from torch.nn import functional as F
 
 NAME = "hb_auto"
-MATMUL_MAX_KEYS = 320  # crossover measured by benchmarks/bench_attention.py (see the module docstring)
+MATMUL_MAX_KEYS_ONE_THREAD = 320  # crossover measured by benchmarks/bench_attention.py (module docstring)
+
+
+def matmul_max_keys() -> int:
+    """Longest key sequence for which the matmul path is used, at the current torch thread count."""
+    return MATMUL_MAX_KEYS_ONE_THREAD // max(1, torch.get_num_threads())
 
 
 def register() -> str:
@@ -45,7 +54,7 @@ def register() -> str:
 def uses_matmul(module: nn.Module, query: torch.Tensor, key: torch.Tensor, **kwargs: Any) -> bool:
     """Whether :func:`auto_attention_forward` takes the matmul path for this call."""
     return (query.device.type == "cpu" and module.training and torch.is_grad_enabled()
-            and key.shape[-2] <= MATMUL_MAX_KEYS
+            and key.shape[-2] <= matmul_max_keys()
             and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
             and not kwargs.get("output_attentions", False))
 

@@ -68,7 +68,7 @@ def test_auto_takes_the_matmul_path_only_for_short_cpu_training_calls(monkeypatc
     real = attention.matmul_attention
     monkeypatch.setattr(attention, "matmul_attention", lambda *a, **kw: calls.append("matmul") or real(*a, **kw))
     short = qkv(8)
-    long = qkv(attention.MATMUL_MAX_KEYS + 1)
+    long = qkv(attention.matmul_max_keys() + 1)
     attention.auto_attention_forward(module(), *short, None, scaling=0.25)
     assert calls == ["matmul"]
     attention.auto_attention_forward(module(), *long, None, scaling=0.25)  # long batch: SDPA
@@ -78,6 +78,17 @@ def test_auto_takes_the_matmul_path_only_for_short_cpu_training_calls(monkeypatc
     with pytest.raises(ValueError, match="softcap"):  # not matmul attention's formula: SDPA's own error, as before
         attention.auto_attention_forward(module(), *short, None, scaling=0.25, softcap=30.0)
     assert calls == ["matmul"]
+
+
+def test_the_matmul_limit_shrinks_with_threads():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert attention.matmul_max_keys() == attention.MATMUL_MAX_KEYS_ONE_THREAD == 320
+        torch.set_num_threads(2)
+        assert attention.matmul_max_keys() == 160
+    finally:
+        torch.set_num_threads(before)
 
 
 def _tiny_llama(attn: str):
