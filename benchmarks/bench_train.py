@@ -57,7 +57,8 @@ ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("original", "project", "project_fast")
 # lever checks: TRL's own fused-head loss instead of ours; PEFT's nn.Dropout instead of hb_utils.lora_dropout;
 # SDPA or eager attention instead of auto (hb_utils.attention)
-EXTRA_VARIANTS = ("project_fast_trl_loss", "project_fast_torch_dropout", "project_fast_sdpa", "project_fast_eager")
+EXTRA_VARIANTS = ("project_fast_trl_loss", "project_fast_torch_dropout", "project_fast_sdpa", "project_fast_eager",
+                  "project_fast_sdpa_torch_dropout", "project_fast_eager_torch_dropout")  # before both kernels
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -196,10 +197,11 @@ def child(args: argparse.Namespace) -> None:
     cfg = base_config(args, workdir)
     if args.child.startswith("project_fast"):
         cfg = cfg.replace(gradient_checkpointing=False, group_by_length=True)
-    if args.child.endswith("torch_dropout"):
+    if "_torch_dropout" in args.child:
         cfg = cfg.replace(fast_lora_dropout=False)
-    if args.child.endswith(("sdpa", "eager")):
-        cfg = cfg.replace(attn_implementation=args.child.rsplit("_", 1)[1])
+    for kernel in ("sdpa", "eager"):
+        if f"_{kernel}" in args.child:
+            cfg = cfg.replace(attn_implementation=kernel)
     if args.child == "original":
         cfg = cfg.replace(attn_implementation="sdpa")  # transformers' default
     dtype = modeling.resolve_compute_dtype(cfg.compute_dtype)
@@ -241,8 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
         child(args)
         return {}
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = set(variants) - set(VARIANTS)
-    if unknown - set(EXTRA_VARIANTS):
+    unknown = set(variants) - set(VARIANTS) - set(EXTRA_VARIANTS)
+    if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {VARIANTS + EXTRA_VARIANTS}")
     command = "python benchmarks/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:])
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
