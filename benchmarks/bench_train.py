@@ -132,6 +132,8 @@ def answer_loss(model, tokenizer, records: list[dict], max_length: int, dtype) -
             out = model(input_ids=torch.tensor([ids], device=device), labels=torch.tensor([labels], device=device))
         total += float(out.loss) * n
         count += n
+    if count == 0:
+        raise SystemExit(f"no validation answer token fits in --max-length {max_length}: raise --max-length")
     return total / count
 
 
@@ -144,6 +146,7 @@ def run_original(cfg, train: list[dict], workdir: Path, clock, dtype):
 
     from hb_utils import modeling
 
+    cfg = cfg.replace(attn_implementation="sdpa")  # transformers' default attention, as the original had
     tokenizer = modeling.load_tokenizer(cfg.model_name)
     tokenizer.pad_token = tokenizer.eos_token  # as the original: pad = eos (end-of-turn)
     texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in train]
@@ -202,8 +205,6 @@ def child(args: argparse.Namespace) -> None:
     for kernel in ("sdpa", "eager"):
         if f"_{kernel}" in args.child:
             cfg = cfg.replace(attn_implementation=kernel)
-    if args.child == "original":
-        cfg = cfg.replace(attn_implementation="sdpa")  # transformers' default
     dtype = modeling.resolve_compute_dtype(cfg.compute_dtype)
     clock = make_clock()
     if args.child == "original":

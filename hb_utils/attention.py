@@ -83,10 +83,10 @@ def matmul_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     causal when ``is_causal`` (SDPA's ``is_causal``, aligned to the last key), else no mask. Grouped
     key/value heads are repeated to the query heads, as transformers' eager attention does.
     """
+    from transformers.integrations.sdpa_attention import repeat_kv
+
     groups = getattr(module, "num_key_value_groups", 1)
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     q_len, kv_len = query.shape[-2], key.shape[-2]
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling

@@ -24,6 +24,9 @@ adapters are the same files either way.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -61,9 +64,7 @@ class FastDropout(nn.Module):
         Built in integer arithmetic on the float's bit pattern (keep = 1 or 0, times the bits of the
         scale), which is exact and avoids a slow bool-to-float conversion.
         """
-        n = 1
-        for size in shape:
-            n *= size
+        n = math.prod(shape)
         words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(torch.iinfo(torch.int64).min, None)
         draws = words.view(torch.int16)[:n].view(shape)
         bits_dtype = _SAME_WIDTH_INT[dtype.itemsize]
@@ -72,21 +73,30 @@ class FastDropout(nn.Module):
         return keep.mul_(scale_bits).view(dtype)
 
 
+def _slots(model: nn.Module) -> Iterator[tuple[nn.ModuleDict, str]]:
+    """(dict, adapter name) of every LoRA dropout: PEFT keeps them in each layer's ``lora_dropout``."""
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, nn.ModuleDict):
+            yield from ((dropouts, name) for name in list(dropouts))
+
+
+def lora_dropouts(model: nn.Module) -> list[nn.Module]:
+    """The dropout module of every LoRA layer and adapter in ``model``."""
+    return [dropouts[name] for dropouts, name in _slots(model)]
+
+
 def install(model: nn.Module) -> int:
     """Replace every PEFT LoRA ``nn.Dropout`` in ``model`` by a :class:`FastDropout` of the same ``p``.
 
-    PEFT keeps each LoRA layer's dropout in its ``lora_dropout`` ``ModuleDict`` (``nn.Identity`` when
-    ``lora_dropout`` is 0, which stays). Returns how many modules were replaced.
+    PEFT's ``nn.Identity`` (``lora_dropout`` 0) stays. Returns how many modules were replaced.
     """
     replaced = 0
-    for module in model.modules():
-        dropouts = getattr(module, "lora_dropout", None)
-        if not isinstance(dropouts, nn.ModuleDict):
-            continue
-        for name, dropout in dropouts.items():
-            if isinstance(dropout, nn.Dropout):
-                fast = FastDropout(dropout.p)
-                fast.train(dropout.training)
-                dropouts[name] = fast
-                replaced += 1
+    for dropouts, name in _slots(model):
+        dropout = dropouts[name]
+        if isinstance(dropout, nn.Dropout):
+            fast = FastDropout(dropout.p)
+            fast.train(dropout.training)
+            dropouts[name] = fast
+            replaced += 1
     return replaced

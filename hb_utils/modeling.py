@@ -20,6 +20,9 @@ Why this module exists:
   runs NF4 on CPU too, so CPU and GPU share the QLoRA code path. On CPU every 4-bit layer stays on
   bitsandbytes' dequantize + matmul path (:func:`use_dequantize_matmul_path`: exact, differentiable,
   and faster for the batched work the project does than the fused kernel bitsandbytes would pick).
+* **Attention kernel**: ``attn_implementation: auto`` loads training models with
+  :mod:`hb_utils.attention`'s per-call choice (matmul attention for short CPU training calls) and
+  everything else with SDPA.
 * **Adapters never mix with another base/config**: :func:`load_adapter_model` checks
   ``hb_meta.json`` (written by training through :func:`write_adapter_meta`).
 """

@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from hb_utils.config import ExperimentConfig
-from hb_utils.lora_dropout import FastDropout, install
+from hb_utils.lora_dropout import FastDropout, install, lora_dropouts
 
 N = 1 << 22  # 4M draws: the drop share's standard error is about 1e-4
 
@@ -87,8 +87,7 @@ def test_install_replaces_every_lora_dropout_of_a_peft_model():
     model = _tiny_peft(0.3)
     state = set(model.state_dict())
     assert install(model) == 6  # 3 targets x 2 layers
-    dropouts = [d for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), nn.ModuleDict)
-                for d in m.lora_dropout.values()]
+    dropouts = lora_dropouts(model)
     assert len(dropouts) == 6 and all(type(d) is FastDropout and d.p == 0.3 for d in dropouts)
     assert set(model.state_dict()) == state  # no new state: saved adapters are the same files
     ids = torch.randint(0, 64, (2, 12))

@@ -22,6 +22,7 @@ import torch
 from hb_utils import modeling, training
 from hb_utils.config import load_config
 from hb_utils.errors import ConfigError, DataError, RunError
+from hb_utils.lora_dropout import lora_dropouts
 from hb_utils.paths import RunPaths, read_json, write_json
 from tests.conftest import ROOT
 
@@ -48,11 +49,6 @@ def small_cfg(tmp_path: Path, n: int = 12, **overrides):
 
 
 # --------------------------------------------------------------------------- fast: data, config, helpers
-def lora_dropouts(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [d for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)
-            for d in m.lora_dropout.values()]
-
-
 def record(q: str, a: str) -> dict:
     return {"id": q, "messages": [{"role": "system", "content": "S"}, {"role": "user", "content": q},
                                   {"role": "assistant", "content": a}]}
