@@ -171,20 +171,17 @@ def run_original(cfg, train: list[dict], workdir: Path, clock, dtype):
 
 
 def run_project(cfg, train: list[dict], workdir: Path, clock, name: str):
-    """hb_utils.training's own building blocks (what training.prepare assembles), without the run directory."""
+    """hb_utils.training.build_trainer (what training.prepare trains), without the run directory."""
     from trl import SFTTrainer
 
-    from hb_utils import lora_dropout, modeling, training
+    from hb_utils import modeling, training
 
     tokenizer = modeling.load_tokenizer(cfg.model_name)
     args = training.build_sft_config(cfg, output_dir=workdir / name, has_eval=False)
     args.disable_tqdm = True
     trainer_class = SFTTrainer if name.endswith("trl_loss") else training.SupervisedLogitsSFTTrainer
-    trainer = trainer_class(model=modeling.load_base_model(cfg, for_training=True), args=args,
-                         train_dataset=training.to_prompt_completion(train), processing_class=tokenizer,
-                         peft_config=modeling.lora_config(cfg), callbacks=[clock])
-    if cfg.fast_lora_dropout:
-        lora_dropout.install(trainer.model)
+    trainer = training.build_trainer(cfg, args, tokenizer, training.to_prompt_completion(train), callbacks=[clock],
+                                     trainer_class=trainer_class)
     trainer.train()
     return trainer.model, tokenizer, trainer.state.log_history
 

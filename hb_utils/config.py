@@ -117,7 +117,9 @@ class ExperimentConfig:
     lr_scheduler: str = _f("cosine", "Learning-rate schedule (transformers name).")
     warmup_ratio: float = _f(0.05, "Share of steps for warm-up.", min=0.0, max=1.0)
     weight_decay: float = _f(0.001, "Weight decay.", min=0.0)
-    optim: str = _f("paged_adamw_8bit", "Optimizer (transformers name).")
+    optim: str = _f("paged_adamw_8bit", "Optimizer (transformers name). paged_adamw_8bit: 8-bit AdamW whose states "
+                    "page out to CPU memory under GPU memory pressure; on a CPU bitsandbytes runs the same "
+                    "8-bit AdamW unpaged (and warns so).")
     max_grad_norm: float = _f(0.3, "Gradient clipping norm.", min_excl=0.0)
     gradient_checkpointing: bool = _f(True, "Recompute activations to save memory.")
     group_by_length: bool = _f(False, "Batch examples of similar length (less padding).")

@@ -319,6 +319,23 @@ class TrainRun:
     n_truncated: int = 0
 
 
+def build_trainer(cfg: ExperimentConfig, args: SFTConfig, tokenizer: Any, train_ds: Dataset,
+                  eval_ds: Dataset | None = None, *, callbacks: Sequence[TrainerCallback] = (),
+                  trainer_class: type[SFTTrainer] = SupervisedLogitsSFTTrainer) -> SFTTrainer:
+    """The 4-bit base model, its LoRA adapter (built by TRL from ``peft_config``) and the trainer.
+
+    The one place that assembles them, so :func:`prepare` and ``benchmarks/bench_train.py`` train
+    the same thing; with ``fast_lora_dropout`` PEFT's dropout modules are swapped for
+    :class:`hb_utils.lora_dropout.FastDropout` before any step.
+    """
+    trainer = trainer_class(model=modeling.load_base_model(cfg, for_training=True), args=args,
+                            train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+                            peft_config=modeling.lora_config(cfg), callbacks=list(callbacks))
+    if cfg.fast_lora_dropout:
+        lora_dropout.install(trainer.model)
+    return trainer
+
+
 def prepare(cfg: ExperimentConfig, *, callbacks: Sequence[TrainerCallback] = ()) -> TrainRun:
     """Check the run directory, load the splits, tokenizer and 4-bit model, and build the SFTTrainer.
 
@@ -342,12 +359,7 @@ def prepare(cfg: ExperimentConfig, *, callbacks: Sequence[TrainerCallback] = ())
     callbacks = [NanGuardCallback(), *callbacks]
     with _quiet_bars(args.disable_tqdm):
         tokenizer = modeling.load_tokenizer(cfg.model_name)
-        model = modeling.load_base_model(cfg, for_training=True)
-        trainer = SupervisedLogitsSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                                             processing_class=tokenizer, peft_config=modeling.lora_config(cfg),
-                                             callbacks=callbacks)
-    if cfg.fast_lora_dropout:
-        lora_dropout.install(trainer.model)
+        trainer = build_trainer(cfg, args, tokenizer, train_ds, eval_ds, callbacks=callbacks)
     if args.disable_tqdm:  # headless: one compact line per log instead of raw dicts
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(CompactLogCallback())
