@@ -1,12 +1,13 @@
 """Training speed: the project's SFT pipeline against the original notebook's method, in one run.
 
-    python benchmarks/bench_train.py                      # defaults finish in a few minutes on 2 CPU cores
+    python benchmarks/bench_train.py                      # Experiment 1's settings, one round: about 4 minutes
     python benchmarks/bench_train.py --repeats 3          # what the README quotes: medians of 3 interleaved rounds
     python benchmarks/bench_train.py --examples 64 --steps 8 --max-length 256 --threads 1
 
 Same model (SmolLM2-135M-Instruct, 4-bit NF4 + the same LoRA config), same MedQuAD training examples
-(from the split of params/smoke.yaml), same number of optimizer steps and effective batch, same optimizer,
-schedule and compute dtype. Variants:
+(from the split of ``--params``, by default params/cpu_exp1.yaml: Experiment 1's data filters, max_length
+512 and hyperparameters), same number of optimizer steps and effective batch, same optimizer, schedule and
+compute dtype, on both cores. Variants:
 
 * ``original``      the original notebook's method: the full chat text tokenized per example, pad = eos,
                     transformers' ``DataCollatorForLanguageModeling(mlm=False)`` (which masks every pad-id
@@ -14,7 +15,8 @@ schedule and compute dtype. Variants:
                     checkpointing on, plain ``transformers.Trainer``, transformers' default attention (SDPA),
                     PEFT's ``nn.Dropout``.
 * ``project``       hb_utils.training as configured for Experiment 1 (TRL SFTTrainer, prompt/completion,
-                    loss on the answer + end-of-turn only, gradient checkpointing on) with the project's
+                    loss on the answer + end-of-turn only, gradient checkpointing on, no length grouping,
+                    whatever ``--params`` says about these two) with the project's
                     default kernels: ``attn_implementation: auto`` (hb_utils.attention) and
                     ``fast_lora_dropout`` (hb_utils.lora_dropout).
 * ``project_fast``  the same with the two settings that pay on CPU: ``gradient_checkpointing=False`` (the
@@ -38,6 +40,10 @@ dropped: a larger per-device batch at the same effective batch (8 x 1: slower, 5
 running the system turn shared by a micro-batch once (see hb_utils.sft_trainer), ``torch_compile``
 (compiling had not finished 4 steps after 8 minutes), and eager attention for every call (+7 % at
 max_length 256 without checkpointing, equal at 512, 4 % slower with checkpointing: what led to ``auto``).
+Measured and left: glibc's allocator (a step spends about 7 % in the kernel on page faults of fresh
+activation buffers; raising ``M_MMAP_THRESHOLD`` / ``M_TRIM_THRESHOLD`` did not lower them), a row-chunked
+loss that never materializes the fp32 logits (90 ms of a 2.4 s micro-batch: 2-3 %), SDPA's causal fast path
+for right-padded batches (5-15 % of the attention backward, 1-2 % of a step).
 """
 
 from __future__ import annotations
@@ -65,16 +71,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--examples", type=int, default=32, help="training examples (the pool the steps draw from)")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per variant")
-    p.add_argument("--max-length", type=int, default=256, help="max tokens per example")
+    p.add_argument("--max-length", type=int, help="max tokens per example (default: the params file's, 512)")
     p.add_argument("--batch-size", type=int, default=2, help="per-device batch size (Experiment 1: 2)")
     p.add_argument("--grad-accum", type=int, default=4, help="gradient accumulation (Experiment 1: 4)")
     p.add_argument("--val-examples", type=int, default=16, help="validation examples for the answer loss")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads per variant (1: on a shared 2-core CPU two OpenMP threads thrash)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch threads per variant (2: both cores here; use 1 while anything else runs, or "
+                        "two OpenMP threads thrash)")
     p.add_argument("--repeats", type=int, default=1,
                    help="rounds of all variants (interleaved); the report quotes medians and per-round ratios")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
-    p.add_argument("--params", default=str(ROOT / "params" / "smoke.yaml"), help="base parameter file")
+    p.add_argument("--params", default=str(ROOT / "params" / "cpu_exp1.yaml"),
+                   help="base parameter file (model, data filters, hyperparameters)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one variant
     p.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -84,10 +92,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def base_config(args: argparse.Namespace, workdir: Path):
     from hb_utils.config import load_config
 
+    lengths = {} if args.max_length is None else {"max_length": args.max_length}
     return load_config(args.params, output_root=str(workdir / "runs"), experiment="bench_train",
-                       max_length=args.max_length, max_steps=args.steps, batch_size=args.batch_size,
-                       grad_accum=args.grad_accum, logging_steps=1, save_steps=10**6, eval_steps=10**6,
-                       sample_size=max(60, math.ceil(max(args.examples / 0.75, args.val_examples / 0.08))))
+                       max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                       logging_steps=1, save_steps=10**6, eval_steps=10**6,
+                       sample_size=max(60, math.ceil(max(args.examples / 0.75, args.val_examples / 0.08))), **lengths)
+
+
+def variant_config(cfg, name: str):
+    """The config variant ``name`` trains with, whatever ``--params`` says about these levers."""
+    if name in ("original", "project"):  # Experiment 1's values (the original's recipe is in run_original)
+        cfg = cfg.replace(gradient_checkpointing=True, group_by_length=False)
+    elif name.startswith("project_fast"):
+        cfg = cfg.replace(gradient_checkpointing=False, group_by_length=True)
+    else:
+        raise ValueError(f"unknown variant {name!r}")
+    if "_torch_dropout" in name:
+        cfg = cfg.replace(fast_lora_dropout=False)
+    for kernel in ("sdpa", "eager"):
+        if f"_{kernel}" in name:
+            cfg = cfg.replace(attn_implementation=kernel)
+    return cfg
 
 
 # --------------------------------------------------------------------------- measurement helpers (child)
@@ -194,14 +219,7 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     workdir = Path(args.workdir)
     split = json.loads((workdir / "split.json").read_text())
-    cfg = base_config(args, workdir)
-    if args.child.startswith("project_fast"):
-        cfg = cfg.replace(gradient_checkpointing=False, group_by_length=True)
-    if "_torch_dropout" in args.child:
-        cfg = cfg.replace(fast_lora_dropout=False)
-    for kernel in ("sdpa", "eager"):
-        if f"_{kernel}" in args.child:
-            cfg = cfg.replace(attn_implementation=kernel)
+    cfg = variant_config(base_config(args, workdir), args.child)
     dtype = modeling.resolve_compute_dtype(cfg.compute_dtype)
     clock = make_clock()
     if args.child == "original":
@@ -215,9 +233,9 @@ def child(args: argparse.Namespace) -> None:
         "examples_per_s": round(n_examples / seconds, 3), "real_tokens": clock.tokens,
         "real_tokens_per_s": round(clock.tokens / seconds, 1),
         "last_train_loss": [h["loss"] for h in history if "loss" in h][-1],
-        "val_answer_loss": round(answer_loss(model, tokenizer, split["val"], args.max_length, dtype), 4),
+        "val_answer_loss": round(answer_loss(model, tokenizer, split["val"], cfg.max_length, dtype), 4),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
-        "gradient_checkpointing": cfg.gradient_checkpointing if args.child != "original" else True,
+        "gradient_checkpointing": cfg.gradient_checkpointing, "max_length": cfg.max_length,
         "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
     }
     (workdir / f"{args.child}.json").write_text(json.dumps(result))
@@ -247,6 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python benchmarks/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:])
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         workdir = Path(tmp)
+        args.max_length = base_config(args, workdir).max_length  # the params file's when not given
         split = prepare_split(args, workdir)
         print(f"{len(split['train'])} training examples, {len(split['val'])} validation examples, "
               f"{args.steps} steps x batch {args.batch_size} x accumulation {args.grad_accum}, "

@@ -503,7 +503,9 @@ def load_adapter_model(cfg: ExperimentConfig, adapter_dir: str | Path) -> tuple[
     adapter_dir = check_adapter(cfg, adapter_dir)
     base = load_base_model(cfg)
     tokenizer = load_tokenizer(cfg.model_name)
-    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    with warnings.catch_warnings():  # PEFT 0.21 reads a property transformers 5 renamed: noise in every report
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     model.eval()
     return model, tokenizer
 

@@ -450,6 +450,30 @@ def train(cfg: ExperimentConfig, *, callbacks: Sequence[TrainerCallback] = ()) -
     return fit(prepare(cfg, callbacks=callbacks))
 
 
+def reload_check(cfg: ExperimentConfig, n_questions: int = 2) -> list[dict[str, Any]]:
+    """Load the saved ``adapter/`` from disk onto a fresh base model and answer a few validation questions.
+
+    Why: it proves, at the end of 03, that the files written are a complete adapter of this config
+    that loads and generates (``modeling.load_adapter_model`` refuses a missing or foreign one), before
+    04 spends minutes on evaluation. Greedy, ``eval_max_new_tokens``; validation questions, so the
+    test split stays unseen.
+    """
+    from hb_utils.generation import generate_answers
+
+    run_paths = paths.RunPaths.for_config(cfg)
+    val = data.ensure_splits(cfg).get("val") or []
+    if not val:
+        raise DataError("The validation split is empty, so there is no question to try the adapter on: "
+                        "raise sample_size or val_frac.")
+    questions = [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in val[:n_questions]]
+    model, tokenizer = modeling.load_adapter_model(cfg, run_paths.adapter)
+    answers = generate_answers(model, tokenizer, questions, cfg.system_prompt,
+                               max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.gen_batch_size,
+                               progress=False)
+    return [{"question": q, "answer": a.text, "new_tokens": a.n_new_tokens, "stopped": a.stopped}
+            for q, a in zip(questions, answers, strict=True)]
+
+
 def _save_adapter(run: TrainRun) -> None:
     """Write adapter + tokenizer + hb_meta.json to a temporary folder, then swap it in, so adapter/
     never holds a half-written adapter."""

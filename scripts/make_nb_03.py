@@ -36,7 +36,13 @@ if not run.already_trained:
     ("md", """\
 ## Training
 In headless runs (papermill, `hb run`) one line is printed per `logging_steps`; a NaN/inf loss stops the run with
-a message, and running out of memory names the parameters to lower."""),
+a message, and running out of memory names the parameters to lower.
+
+On a CPU two defaults make each step cheaper without changing the recipe: `attn_implementation: auto` uses plain
+matmul attention for short training batches (PyTorch's fused CPU attention has a slow backward there) and
+`fast_lora_dropout` draws the LoRA dropout masks 16 bits at a time (same `lora_dropout`, another random stream).
+`params/cpu_exp1_fast.yaml` also turns gradient checkpointing off and groups examples by length;
+`benchmarks/bench_train.py` measures each of these against the original method."""),
     ("code", """\
 metrics = training.fit(run)  # adapter/ + metrics/train.json + metrics/log_history.json + plots/loss_curve.png"""),
     ("md", """\
@@ -61,6 +67,14 @@ table["peak memory (GB)"] = f"{metrics['peak_memory']['gb']} ({metrics['peak_mem
 display(pd.Series(table, name="value").to_frame())
 print("adapter:", paths.adapter)
 print("metrics:", paths.metrics / "train.json")"""),
+    ("md", """\
+## The saved adapter, reloaded
+A fresh base model with the adapter loaded from `adapter/` answers two validation questions (greedy,
+`eval_max_new_tokens`): the files on disk are a complete adapter of this config. `stopped` says whether the
+model ended its turn by itself."""),
+    ("code", """\
+for row in training.reload_check(cfg):
+    print(f"Q: {row['question']}\\nA: {row['answer']}\\n({row['new_tokens']} tokens, stopped: {row['stopped']})\\n")"""),
     ("md", "**Next:** `04_evaluate` compares base and fine-tuned answers on held-out test questions."),
 ]
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -45,6 +47,19 @@ def test_committed_notebooks_carry_no_outputs(path):
     for cell in nb.cells:
         if cell.cell_type == "code":
             assert not cell.outputs and cell.execution_count is None, f"{path.name}: run `python scripts/nbtools.py strip`"
+
+
+def test_notebooks_are_what_their_authoring_scripts_write(tmp_path):
+    """Notebooks are authored by scripts/make_nb_*.py; a hand edit of a notebook would be lost on the next run."""
+    shutil.copytree(ROOT / "scripts", tmp_path / "scripts")
+    (tmp_path / "notebooks").mkdir()
+    for script in sorted((tmp_path / "scripts").glob("make_nb_*.py")):
+        subprocess.run([sys.executable, str(script)], cwd=tmp_path, check=True, capture_output=True)
+    for path in ALL_NOTEBOOKS:
+        fresh = nbformat.read(tmp_path / "notebooks" / path.name, as_version=4)
+        committed = nbformat.read(path, as_version=4)
+        assert [(c.cell_type, c.source) for c in fresh.cells] == [(c.cell_type, c.source) for c in committed.cells], (
+            f"{path.name} differs from what its scripts/make_nb_*.py writes: edit the script and rerun it")
 
 
 def run_notebook(name: str, out_dir, cwd, params: dict, params_file=ROOT / "params" / "smoke.yaml"):
@@ -98,3 +113,36 @@ def test_unknown_parameter_stops_the_notebook(tmp_path, release):
     assert proc.returncode != 0
     assert "Unknown parameter 'lora_rr'" in proc.stderr and "Did you mean 'lora_r'" in proc.stderr
     assert not (tmp_path / "o").exists()  # nothing was written
+
+
+def stream_text(path) -> str:
+    nb = nbformat.read(path, as_version=4)
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
+                   if o.output_type == "stream")
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_03_trains_from_notebooks_dir_and_a_rerun_from_root_reuses_the_adapter(medquad, tmp_path):
+    """The issue's command, `papermill notebooks/03_train_qlora.ipynb OUT -f params/smoke.yaml -p lora_r 8`,
+    from notebooks/ (no 02 run before: 03 builds the split) and again from the repo root."""
+    common = {"output_root": str(tmp_path / "outputs"), "dataset": str(medquad), "lora_r": 8}
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    proc, first = run_notebook("03_train_qlora", tmp_path / "a", ROOT / "notebooks", common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not error_outputs(first)
+    cfg = load_config(ROOT / "params" / "smoke.yaml", **common)
+    run = RunPaths.for_config(cfg)
+    metrics = json.loads((run.metrics / "train.json").read_text())
+    assert metrics["global_step"] == cfg.max_steps and metrics["parameters"]["trainable"] > 0
+    assert json.loads((run.adapter / "adapter_config.json").read_text())["r"] == 8
+    text = stream_text(first)
+    assert "⟦" in text  # the supervised part of the example is marked
+    answers = re.findall(r"\nA: (.*?)\n\((\d+) tokens, stopped: (?:True|False)\)", text, flags=re.S)
+    assert len(answers) == 2 and all(a.strip() and int(n) > 0 for a, n in answers)  # the reloaded adapter answered
+
+    proc, second = run_notebook("03_train_qlora", tmp_path / "b", ROOT, common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not error_outputs(second)
+    assert "already holds this config's adapter" in stream_text(second)
+    assert json.loads((run.metrics / "train.json").read_text()) == metrics  # reused, not retrained
