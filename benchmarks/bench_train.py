@@ -1,6 +1,6 @@
 """Training speed: the project's SFT pipeline against the original notebook's method, in one run.
 
-    python benchmarks/bench_train.py                      # Experiment 1's settings, one round: about 4 minutes
+    python benchmarks/bench_train.py                      # Experiment 1's settings, one round: about 3 minutes
     python benchmarks/bench_train.py --repeats 3          # what the README quotes: medians of 3 interleaved rounds
     python benchmarks/bench_train.py --examples 64 --steps 8 --max-length 256 --threads 1
 
