@@ -169,8 +169,11 @@ def execute_stage(stage: str, cfg: ExperimentConfig, reports: Path, kernel: str 
     start = time.perf_counter()
     error = None
     try:
+        # The kernel inherits our stderr; ipykernel 7 warns there at every start that its local TCP sockets
+        # are unencrypted, which would break "one line per notebook". Errors still show.
         pm.execute_notebook(str(notebook_path(stage)), str(out), parameters=cfg.to_dict(), kernel_name=kernel,
-                            cwd=str(paths.repo_root()), progress_bar=False, log_output=False)
+                            cwd=str(paths.repo_root()), progress_bar=False, log_output=False,
+                            extra_arguments=["--IPKernelApp.log_level=ERROR"])
     except PapermillExecutionError as exc:
         error = (f"{stage} failed in cell {exc.cell_index} (execution count {exc.exec_count}): "
                  f"{exc.ename}: {exc.evalue}")

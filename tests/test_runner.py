@@ -60,11 +60,12 @@ def test_select_stages():
 
 
 @pytest.mark.slow
-def test_run_writes_reports_config_and_html(stages, tmp_path):
+def test_run_writes_reports_config_and_html(stages, tmp_path, capfd):
     cfg = cfg_in(tmp_path, lora_r=4)
     lines: list[str] = []
     results = runner.run_experiment(cfg, echo=lines.append)
     assert [r.status for r in results] == ["done"] * 3
+    assert "Kernel is running over TCP" not in capfd.readouterr().err  # the kernels' start-up noise stays out
     root = tmp_path / "out" / "e"
     assert (root / "ran" / "03_c").read_text() == "4"  # the same resolved parameters reached every notebook
     conf = json.loads((root / "config.json").read_text())
