@@ -129,7 +129,8 @@ class ExperimentConfig:
     load_best_model: bool = _f(True, "Keep the checkpoint with the best validation loss.")
     completion_only_loss: bool = _f(True, "Loss on answer tokens only (False: original full-sequence loss).")
     seed: int = _f(42, "Training seed.")
-    report_to: str = _f("none", "Training logger: none or tensorboard.", choices=("none", "tensorboard"))
+    report_to: str = _f("none", "Training logger: none or tensorboard (needs `pip install tensorboard`; "
+                        "logs in checkpoints/runs/).", choices=("none", "tensorboard"))
     resume: str = _f("auto", "auto: continue from this config's newest checkpoint; never: start fresh.",
                      choices=("auto", "never"))
     # --- evaluation ---

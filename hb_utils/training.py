@@ -18,6 +18,7 @@ overwrite an adapter of another config, and the metrics/plots written to ``outpu
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import re
 import resource
@@ -122,6 +123,9 @@ def build_sft_config(cfg: ExperimentConfig, *, output_dir: str | Path | None = N
         raise ConfigError(f"save_steps ({cfg.save_steps}) must be a multiple of eval_steps ({cfg.eval_steps}) when "
                           "load_best_model=True (the best checkpoint is chosen among evaluated ones). "
                           f"Set e.g. save_steps={cfg.eval_steps * max(1, round(cfg.save_steps / cfg.eval_steps))}.")
+    if cfg.report_to == "tensorboard" and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+        raise ConfigError("report_to='tensorboard' needs the tensorboard package: `pip install tensorboard` "
+                          "(or `pip install -e \".[tensorboard]\"`), or set report_to: none.")
     dtype = compute_dtype if compute_dtype is not None else modeling.resolve_compute_dtype(cfg.compute_dtype)
     quiet = is_headless() or not cfg.progress
     return SFTConfig(

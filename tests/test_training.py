@@ -95,6 +95,17 @@ def test_build_sft_config_takes_every_training_argument_from_cfg(tmp_path):
     assert no_eval.eval_strategy == "no" and not no_eval.load_best_model_at_end
 
 
+def test_report_to_tensorboard_needs_the_package(tmp_path, monkeypatch):
+    cfg = small_cfg(tmp_path)
+    assert training.build_sft_config(cfg, compute_dtype=torch.float32).report_to == []
+    monkeypatch.setattr(training.importlib.util, "find_spec", lambda name: object())  # installed
+    args = training.build_sft_config(cfg.replace(report_to="tensorboard"), compute_dtype=torch.float32)
+    assert args.report_to == ["tensorboard"]
+    monkeypatch.setattr(training.importlib.util, "find_spec", lambda name: None)  # not installed
+    with pytest.raises(ConfigError, match="pip install tensorboard.*report_to: none"):
+        training.build_sft_config(cfg.replace(report_to="tensorboard"), compute_dtype=torch.float32)
+
+
 def test_build_sft_config_needs_save_steps_multiple_of_eval_steps(tmp_path):
     with pytest.raises(ConfigError, match="multiple of eval_steps"):
         training.build_sft_config(small_cfg(tmp_path, eval_steps=3, save_steps=4), compute_dtype=torch.float32)
