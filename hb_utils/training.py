@@ -18,7 +18,6 @@ overwrite an adapter of another config, and the metrics/plots written to ``outpu
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import math
 import re
 import resource
@@ -34,6 +33,7 @@ import datasets
 import torch
 from datasets import Dataset
 from transformers import PrinterCallback, TrainerCallback
+from transformers.integrations import is_tensorboard_available
 from trl import SFTConfig, SFTTrainer
 
 from hb_utils import data, lora_dropout, modeling, paths
@@ -123,7 +123,7 @@ def build_sft_config(cfg: ExperimentConfig, *, output_dir: str | Path | None = N
         raise ConfigError(f"save_steps ({cfg.save_steps}) must be a multiple of eval_steps ({cfg.eval_steps}) when "
                           "load_best_model=True (the best checkpoint is chosen among evaluated ones). "
                           f"Set e.g. save_steps={cfg.eval_steps * max(1, round(cfg.save_steps / cfg.eval_steps))}.")
-    if cfg.report_to == "tensorboard" and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+    if cfg.report_to == "tensorboard" and not is_tensorboard_available():  # what transformers' callback needs
         raise ConfigError("report_to='tensorboard' needs the tensorboard package: `pip install tensorboard` "
                           "(or `pip install -e \".[tensorboard]\"`), or set report_to: none.")
     dtype = compute_dtype if compute_dtype is not None else modeling.resolve_compute_dtype(cfg.compute_dtype)
@@ -469,7 +469,7 @@ def reload_check(cfg: ExperimentConfig, n_questions: int = 2) -> list[dict[str, 
     if not val:
         raise DataError("The validation split is empty, so there is no question to try the adapter on: "
                         "raise sample_size or val_frac.")
-    questions = [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in val[:n_questions]]
+    questions = [r["question"] for r in val[:n_questions]]
     model, tokenizer = modeling.load_adapter_model(cfg, run_paths.adapter)
     answers = generate_answers(model, tokenizer, questions, cfg.system_prompt,
                                max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.gen_batch_size,

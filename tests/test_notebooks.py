@@ -64,6 +64,7 @@ def test_notebooks_are_what_their_authoring_scripts_write(tmp_path):
 
 def run_notebook(name: str, out_dir, cwd, params: dict, params_file=ROOT / "params" / "smoke.yaml"):
     """Run one notebook with the papermill CLI as a user would, from `cwd`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{name}.ipynb"
     cmd = [sys.executable, "-m", "papermill", str(ROOT / "notebooks" / f"{name}.ipynb"), str(out),
            "-f", str(params_file), "--log-level", "WARNING"]
@@ -127,7 +128,6 @@ def test_03_trains_from_notebooks_dir_and_a_rerun_from_root_reuses_the_adapter(m
     """The issue's command, `papermill notebooks/03_train_qlora.ipynb OUT -f params/smoke.yaml -p lora_r 8`,
     from notebooks/ (no 02 run before: 03 builds the split) and again from the repo root."""
     common = {"output_root": str(tmp_path / "outputs"), "dataset": str(medquad), "lora_r": 8}
-    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     proc, first = run_notebook("03_train_qlora", tmp_path / "a", ROOT / "notebooks", common)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not error_outputs(first)

@@ -98,10 +98,10 @@ def test_build_sft_config_takes_every_training_argument_from_cfg(tmp_path):
 def test_report_to_tensorboard_needs_the_package(tmp_path, monkeypatch):
     cfg = small_cfg(tmp_path)
     assert training.build_sft_config(cfg, compute_dtype=torch.float32).report_to == []
-    monkeypatch.setattr(training.importlib.util, "find_spec", lambda name: object())  # installed
+    monkeypatch.setattr(training, "is_tensorboard_available", lambda: True)  # installed
     args = training.build_sft_config(cfg.replace(report_to="tensorboard"), compute_dtype=torch.float32)
     assert args.report_to == ["tensorboard"]
-    monkeypatch.setattr(training.importlib.util, "find_spec", lambda name: None)  # not installed
+    monkeypatch.setattr(training, "is_tensorboard_available", lambda: False)  # not installed
     with pytest.raises(ConfigError, match="pip install tensorboard.*report_to: none"):
         training.build_sft_config(cfg.replace(report_to="tensorboard"), compute_dtype=torch.float32)
 
@@ -307,7 +307,7 @@ def test_train_writes_adapter_metrics_plot_and_the_adapter_reloads(tmp_path, mon
 
     # what 03's last cell shows: the adapter, reloaded from disk, answers validation questions
     [row] = training.reload_check(cfg.replace(eval_max_new_tokens=6), n_questions=1)
-    val_question = training.data.ensure_splits(cfg)["val"][0]["messages"][1]["content"]
+    val_question = training.data.ensure_splits(cfg)["val"][0]["question"]
     assert row["question"] == val_question and 0 < row["new_tokens"] <= 6 and row["answer"].strip()
 
     # rerunning the stage with the same config reuses the adapter instead of training again
