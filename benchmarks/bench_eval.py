@@ -33,7 +33,7 @@ import time
 import numpy as np
 import torch
 
-from hb_utils import data, modeling, perplexity
+from hb_utils import data, device, model_source, modeling, perplexity
 from hb_utils.config import load_config
 from hb_utils.generation import GenResult, build_prompt, generate_answers
 
@@ -71,11 +71,11 @@ def load_as_original(cfg):
     bitsandbytes' default kernels (the same weights, quantization and compute dtype as the project's)."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": modeling.resolve_compute_dtype(cfg.compute_dtype)}
+    kwargs = {"dtype": device.resolve_compute_dtype(cfg.compute_dtype)}
     qconf = modeling.quantization_config(cfg)
     if qconf is not None:
         kwargs.update(quantization_config=qconf, device_map={"": "cuda" if torch.cuda.is_available() else "cpu"})
-    return AutoModelForCausalLM.from_pretrained(modeling.resolve_model_path(cfg.model_name), **kwargs).eval()
+    return AutoModelForCausalLM.from_pretrained(model_source.resolve_model_path(cfg.model_name), **kwargs).eval()
 
 
 def timed(fn, repeats: int):
@@ -92,7 +92,7 @@ def bench_generation(cfg, chosen, repeats: int) -> None:
     model = modeling.load_base_model(cfg)
     tokenizer = modeling.load_tokenizer(cfg.model_name)
     print(f"generation: {cfg.model_name} (4-bit={cfg.load_in_4bit}, "
-          f"dtype={modeling.resolve_compute_dtype(cfg.compute_dtype)}), {len(questions)} questions, greedy, "
+          f"dtype={device.resolve_compute_dtype(cfg.compute_dtype)}), {len(questions)} questions, greedy, "
           f"max_new_tokens={cfg.eval_max_new_tokens}, batch_size={cfg.gen_batch_size}")
     kw = {"max_new_tokens": cfg.eval_max_new_tokens}
     generate_answers(model, tokenizer, questions[:2], cfg.system_prompt, batch_size=2, progress=False, **kw)  # warm-up
@@ -114,7 +114,7 @@ def bench_perplexity(cfg, chosen, repeats: int) -> None:
     original, project = load_as_original(cfg), modeling.load_base_model(cfg)
     n_tokens = sum(len(perplexity.tokenize_for_perplexity(tokenizer, c)[0]) for c in convs)
     print(f"perplexity: {cfg.model_name} (4-bit={cfg.load_in_4bit}, "
-          f"dtype={modeling.resolve_compute_dtype(cfg.compute_dtype)}), {len(convs)} test examples, "
+          f"dtype={device.resolve_compute_dtype(cfg.compute_dtype)}), {len(convs)} test examples, "
           f"{n_tokens} tokens, ppl_batch_size={cfg.ppl_batch_size}")
     original_perplexity_loop(original, tokenizer, convs[:2])  # warm-up (bitsandbytes' first call repacks on CPU)
     perplexity.token_nll(project, tokenizer, convs[:2], batch_size=2, progress=False)

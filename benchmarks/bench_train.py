@@ -196,16 +196,17 @@ def run_original(cfg, train: list[dict], workdir: Path, clock, dtype):
 
 
 def run_project(cfg, train: list[dict], workdir: Path, clock, name: str):
-    """hb_utils.training.build_trainer (what training.prepare trains), without the run directory."""
+    """hb_utils.trl_setup.build_trainer (what training.prepare trains), without the run directory."""
     from trl import SFTTrainer
 
-    from hb_utils import modeling, training
+    from hb_utils import modeling, trl_setup
+    from hb_utils.sft_trainer import SupervisedLogitsSFTTrainer
 
     tokenizer = modeling.load_tokenizer(cfg.model_name)
-    args = training.build_sft_config(cfg, output_dir=workdir / name, has_eval=False)
+    args = trl_setup.build_sft_config(cfg, output_dir=workdir / name, has_eval=False)
     args.disable_tqdm = True
-    trainer_class = SFTTrainer if name.endswith("trl_loss") else training.SupervisedLogitsSFTTrainer
-    trainer = training.build_trainer(cfg, args, tokenizer, training.to_prompt_completion(train), callbacks=[clock],
+    trainer_class = SFTTrainer if name.endswith("trl_loss") else SupervisedLogitsSFTTrainer
+    trainer = trl_setup.build_trainer(cfg, args, tokenizer, trl_setup.to_prompt_completion(train), callbacks=[clock],
                                      trainer_class=trainer_class)
     trainer.train()
     return trainer.model, tokenizer, trainer.state.log_history
@@ -214,13 +215,13 @@ def run_project(cfg, train: list[dict], workdir: Path, clock, name: str):
 def child(args: argparse.Namespace) -> None:
     import torch
 
-    from hb_utils import modeling
+    from hb_utils import device
 
     torch.set_num_threads(args.threads)
     workdir = Path(args.workdir)
     split = json.loads((workdir / "split.json").read_text())
     cfg = variant_config(base_config(args, workdir), args.child)
-    dtype = modeling.resolve_compute_dtype(cfg.compute_dtype)
+    dtype = device.resolve_compute_dtype(cfg.compute_dtype)
     clock = make_clock()
     if args.child == "original":
         model, tokenizer, history = run_original(cfg, split["train"], workdir, clock, dtype)

@@ -16,15 +16,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from hb_utils import paths
-from hb_utils.config import NON_RESULT_FIELDS
+from hb_utils import results, run_dir
+from hb_utils.config import ExperimentConfig, fields_in
 from hb_utils.errors import RunError
 from hb_utils.plots import save
 
-# (label, metric key in eval.json["generation"], scale) of the generation metrics shown.
-GEN_METRICS = [("ROUGE-1", "rouge1", 100), ("ROUGE-2", "rouge2", 100), ("ROUGE-L", "rougeL", 100),
-               ("BLEU", "bleu", 1), ("stopped %", "stopped", 100), ("disclaimer %", "disclaimer", 100),
-               ("empty/loop %", "empty_or_loop", 100), ("answer words", "words", 1)]
+# The generation metrics of eval.json["generation"] shown per run (labels and scales: hb_utils.results).
+GEN_METRICS = ("rouge1", "rouge2", "rougeL", "bleu", "stopped", "disclaimer", "empty_or_loop", "words")
 
 
 @dataclass
@@ -39,24 +37,31 @@ class Run:
     log_history: list[dict[str, Any]]
 
 
-def load_run(run_dir: str | Path) -> Run:
-    """Read a run directory; a missing piece raises RunError saying which stage to run."""
-    root = paths.resolve(run_dir)
+def load_run(path: str | Path) -> Run:
+    """Read a run directory; a missing piece raises RunError saying which stage to run, and metrics made
+    by another config than the one ``config.json`` records are refused (the table would mislabel them)."""
+    root = run_dir.resolve(path)
+    if not root.is_dir():
+        raise RunError(f"{root} does not exist. Pass run directories made by `hb run`, e.g. outputs/smoke.")
     needed = {"config.json": "hb run", "metrics/train.json": "03_train_qlora",
               "metrics/eval.json": "04_evaluate"}
     for rel, stage in needed.items():
         if not (root / rel).is_file():
             raise RunError(f"{root} has no {rel}: run {stage} for it first (e.g. `hb run params/<file>.yaml`).")
+    conf = run_dir.read_json(root / "config.json")
+    cfg = ExperimentConfig(**conf.get("config", {}))
+    train, evaluation = (run_dir.read_json(root / "metrics" / f) for f in ("train.json", "eval.json"))
+    for name, payload, scope in (("metrics/train.json", train, "train"), ("metrics/eval.json", evaluation, "eval")):
+        run_dir.require(payload.get("stamp"), cfg, scope, what=root / name,
+                        fix=f"Rerun that stage with `hb run` for {root.name} so the metrics match its config.json.")
     history_path = root / "metrics" / "log_history.json"
-    history = paths.read_json(history_path) if history_path.is_file() else []
-    conf = paths.read_json(root / "config.json")
-    return Run(root.name, root, conf.get("config", {}), paths.read_json(root / "metrics" / "train.json"),
-               paths.read_json(root / "metrics" / "eval.json"), history)
+    history = run_dir.read_json(history_path) if history_path.is_file() else []
+    return Run(root.name, root, conf.get("config", {}), train, evaluation, history)
 
 
 def config_diff(runs: list[Run]) -> pd.DataFrame:
     """The parameters whose values differ between the runs (rows) per run (columns)."""
-    names = [k for k in runs[0].config if k not in NON_RESULT_FIELDS]
+    names = [k for k in runs[0].config if k in fields_in("data", "train", "eval")]
     rows = {k: [_show(r.config.get(k)) for r in runs] for k in names
             if len({_show(r.config.get(k)) for r in runs}) > 1}
     return pd.DataFrame(rows, index=[r.name for r in runs]).T if rows else pd.DataFrame(
@@ -65,12 +70,6 @@ def config_diff(runs: list[Run]) -> pd.DataFrame:
 
 def _show(v: Any) -> str:
     return ",".join(map(str, v)) if isinstance(v, list) else str(v)
-
-
-def _ci(d: dict[str, Any] | None, scale: float = 1.0) -> str:
-    if not d:
-        return "-"
-    return f"{d['value'] * scale:.2f} [{d['ci_low'] * scale:.2f}, {d['ci_high'] * scale:.2f}]"
 
 
 def results_table(runs: list[Run]) -> pd.DataFrame:
@@ -84,22 +83,19 @@ def results_table(runs: list[Run]) -> pd.DataFrame:
             "best val loss": _num(t.get("best_val_loss")),
             "final val loss": _num(t.get("final_val_loss")),
         }
-        for label, key, scale in GEN_METRICS:
-            row[label] = _ci(gen.get(key, {}).get("finetuned"), scale)
+        for key in GEN_METRICS:
+            label, factor = results.label(key), results.scale(key)
+            row[label] = results.format_ci(gen.get(key, {}).get("finetuned"), factor, 2)
             if key in ("rougeL", "bleu"):
-                row[f"{label} Δ vs base"] = _ci(_delta_as_ci(gen.get(key, {}).get("delta")), scale)
-        row["ppl (answer tokens)"] = _ci(ppl.get("finetuned", {}).get("answer_token_weighted"))
-        row["ppl base"] = _ci(ppl.get("base", {}).get("answer_token_weighted"))
+                row[f"{label} Δ vs base"] = results.format_ci(gen.get(key, {}).get("delta"), factor, 2)
+        row["ppl (answer tokens)"] = results.format_ci(ppl.get("finetuned", {}).get("answer_token_weighted"), 1, 2)
+        row["ppl base"] = results.format_ci(ppl.get("base", {}).get("answer_token_weighted"), 1, 2)
         row["train s"] = _num(t.get("train_runtime_s"), 0)
         row["tokens/s"] = _num(t.get("tokens_per_second"), 1)
         row["peak mem GB"] = _num((t.get("peak_memory") or {}).get("gb"), 2)
         row["steps"] = t.get("global_step")
         rows.append(row)
     return pd.DataFrame(rows).set_index("run")
-
-
-def _delta_as_ci(d: dict[str, Any] | None) -> dict[str, Any] | None:
-    return {"value": d["delta"], "ci_low": d["ci_low"], "ci_high": d["ci_high"]} if d else None
 
 
 def _num(v: Any, digits: int = 3) -> float | None:
@@ -111,8 +107,7 @@ def plot_loss_curves(runs: list[Run], path: Path | None = None) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for i, r in enumerate(runs):
         color = f"C{i}"
-        train = [(h["step"], h["loss"]) for h in r.log_history if "loss" in h]
-        val = [(h["step"], h["eval_loss"]) for h in r.log_history if "eval_loss" in h]
+        train, val = results.loss_points(r.log_history)
         if train:
             ax.plot(*zip(*train, strict=True), color=color, label=f"{r.name} train")
         if val:
@@ -135,7 +130,7 @@ def plot_metric_bars(runs: list[Run], path: Path | None = None,
         vals, lo, hi = [], [], []
         for m in metrics:
             d = r.eval.get("generation", {}).get(m, {}).get(system)
-            scale = 1 if m == "bleu" else 100
+            scale = results.scale(m)
             v = d["value"] * scale if d else np.nan
             vals.append(v)
             lo.append(v - d["ci_low"] * scale if d else 0)
@@ -176,17 +171,14 @@ def compare_runs(run_dirs: list[str], out_dir: str | None = None, *, report: boo
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise RunError(f"Run names repeat ({', '.join(names)}): compare runs with different experiment names.")
-    out = paths.resolve(out_dir or "outputs/compare")
+    out = run_dir.resolve(out_dir or "outputs/compare")
     files = write_tables(runs, out)
     if report:
-        import papermill as pm
-
-        from hb_utils.report import to_html
+        from hb_utils.report import execute, to_html
 
         nb = out / "06_compare.ipynb"
-        pm.execute_notebook(str(paths.repo_root() / "notebooks" / "06_compare.ipynb"), str(nb),
-                            parameters={"run_dirs": [str(r.root) for r in runs], "out_dir": str(out)},
-                            kernel_name=kernel, cwd=str(paths.repo_root()), progress_bar=False)
+        execute(run_dir.repo_root() / "notebooks" / "06_compare.ipynb", nb,
+                {"run_dirs": [str(r.root) for r in runs], "out_dir": str(out)}, cwd=run_dir.repo_root(), kernel=kernel)
         files["report"] = nb
         files["html"] = to_html(nb)
     return files

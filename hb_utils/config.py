@@ -12,12 +12,13 @@ it, so a notebook never mixes artifacts from different configs.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -34,30 +35,21 @@ SYSTEM_PROMPT = (
 )
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-# Which fields define which artifact. A field not listed in DATA or TRAIN only changes evaluation
-# or bookkeeping, so changing it must not invalidate a split or an adapter.
-DATA_FIELDS = (
-    "dataset", "dataset_split", "system_prompt", "strip_html", "min_question_chars",
-    "min_answer_chars", "max_answer_words", "sample_size", "sample_seed", "train_frac",
-    "val_frac", "test_frac", "split_seed", "split_by",
-)
-TRAIN_FIELDS = DATA_FIELDS + (
-    "model_name", "max_length", "load_in_4bit", "bnb_4bit_quant_type", "bnb_4bit_double_quant",
-    "compute_dtype", "lora_r", "lora_alpha", "lora_dropout", "fast_lora_dropout", "lora_target_modules",
-    "learning_rate", "batch_size", "eval_batch_size", "grad_accum", "num_epochs", "max_steps",
-    "lr_scheduler", "warmup_ratio", "weight_decay", "optim", "max_grad_norm",
-    "gradient_checkpointing", "group_by_length", "eval_steps", "save_steps",
-    "load_best_model", "completion_only_loss", "seed",
-)
-# Bookkeeping, and kernel choices that compute the same thing (only rounding differs): never part of any
-# fingerprint, so they can change between training and evaluation.
-NON_RESULT_FIELDS = ("experiment", "output_root", "overwrite", "report_to", "resume", "progress",
-                     "attn_implementation")
+# Every field declares the scope of what it shapes (field metadata "scope"):
+#   data  -> the split files (02),  train -> the adapter (03),  eval -> metrics (04/05),
+#   run   -> bookkeeping and kernel choices that compute the same thing (only rounding differs).
+# Fingerprints are cumulative: "train" covers data + train fields, "eval" covers data + train + eval,
+# so changing an evaluation parameter never invalidates a split or an adapter, and a new field cannot be
+# forgotten in a hand-kept list (a test checks every field has exactly one scope).
+SCOPES = ("data", "train", "eval", "run")
+FINGERPRINT_SCOPES = {"data": ("data",), "train": ("data", "train"), "eval": ("data", "train", "eval")}
 
 
-def _f(default: Any, help: str, **meta: Any) -> Any:
-    """A dataclass field with its one-line help (and optional choices / bounds) in metadata."""
-    meta["help"] = help
+def _f(default: Any, help: str, scope: str, **meta: Any) -> Any:
+    """A dataclass field with its one-line help, its scope (see SCOPES) and optional choices / bounds."""
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}")  # a bug in this module
+    meta["help"], meta["scope"] = help, scope
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -68,86 +60,86 @@ class ExperimentConfig:
     """Every parameter of an experiment. Defaults reproduce Experiment 1."""
 
     # --- run ---
-    experiment: str = _f("exp1", "Run name: artifacts go to <output_root>/<experiment>/.")
-    output_root: str = _f("outputs", "Where run directories live (relative paths: to the repo root).")
-    overwrite: bool = _f(False, "Replace artifacts of a different config in this run directory.")
+    experiment: str = _f("exp1", "Run name: artifacts go to <output_root>/<experiment>/.", scope="run")
+    output_root: str = _f("outputs", "Where run directories live (relative paths: to the repo root).", scope="run")
+    overwrite: bool = _f(False, "Replace artifacts of a different config in this run directory.", scope="run")
     # --- data ---
-    dataset: str = _f("lavita/MedQuAD", "Hub dataset id, MedQuAD XML release dir, or .parquet/.jsonl/.csv file.")
-    dataset_split: str = _f("train", "Split of a Hub dataset to load.")
-    system_prompt: str = _f(SYSTEM_PROMPT, "System message of every chat record.")
-    strip_html: bool = _f(True, "Strip HTML tags from questions and answers.")
-    min_question_chars: int = _f(10, "Keep questions longer than this many characters.", min=0)
-    min_answer_chars: int = _f(20, "Keep answers longer than this many characters.", min=0)
-    max_answer_words: int = _f(300, "Keep answers of at most this many words.", min=1)
-    sample_size: int = _f(1500, "Number of pairs sampled after cleaning.", min=1)
-    sample_seed: int = _f(42, "Seed of the sample.")
-    train_frac: float = _f(0.8, "Fraction of pairs for training.", min=0.0, max=1.0)
-    val_frac: float = _f(0.1, "Fraction of pairs for validation.", min=0.0, max=1.0)
-    test_frac: float = _f(0.1, "Fraction of pairs for testing.", min=0.0, max=1.0)
-    split_seed: int = _f(42, "Seed of the train/val/test split.")
+    dataset: str = _f("lavita/MedQuAD", "Hub dataset id, MedQuAD XML release dir, or .parquet/.jsonl/.csv file.", scope="data")
+    dataset_split: str = _f("train", "Split of a Hub dataset to load.", scope="data")
+    system_prompt: str = _f(SYSTEM_PROMPT, "System message of every chat record.", scope="data")
+    strip_html: bool = _f(True, "Strip HTML tags from questions and answers.", scope="data")
+    min_question_chars: int = _f(10, "Keep questions longer than this many characters.", min=0, scope="data")
+    min_answer_chars: int = _f(20, "Keep answers longer than this many characters.", min=0, scope="data")
+    max_answer_words: int = _f(300, "Keep answers of at most this many words.", min=1, scope="data")
+    sample_size: int = _f(1500, "Number of pairs sampled after cleaning.", min=1, scope="data")
+    sample_seed: int = _f(42, "Seed of the sample.", scope="data")
+    train_frac: float = _f(0.8, "Fraction of pairs for training.", min=0.0, max=1.0, scope="data")
+    val_frac: float = _f(0.1, "Fraction of pairs for validation.", min=0.0, max=1.0, scope="data")
+    test_frac: float = _f(0.1, "Fraction of pairs for testing.", min=0.0, max=1.0, scope="data")
+    split_seed: int = _f(42, "Seed of the train/val/test split.", scope="data")
     split_by: str = _f("question", "Group kept in one split: row (original), question, or focus.",
-                       choices=("row", "question", "focus"))
+                       choices=("row", "question", "focus"), scope="data")
     # --- model ---
     model_name: str = _f("TinyLlama/TinyLlama-1.1B-Chat-v1.0",
-                         "Hub id, local model dir, or the offline alias smollm2-135m-instruct.")
-    max_length: int = _f(512, "Maximum tokens per training example.", min=16)
-    load_in_4bit: bool = _f(True, "Quantize the base model to 4-bit (QLoRA).")
-    bnb_4bit_quant_type: str = _f("nf4", "4-bit quantization type.", choices=("nf4", "fp4"))
-    bnb_4bit_double_quant: bool = _f(True, "Double quantization of the 4-bit constants.")
+                         "Hub id, local model dir, or the offline alias smollm2-135m-instruct.", scope="train")
+    max_length: int = _f(512, "Maximum tokens per training example.", min=16, scope="train")
+    load_in_4bit: bool = _f(True, "Quantize the base model to 4-bit (QLoRA).", scope="train")
+    bnb_4bit_quant_type: str = _f("nf4", "4-bit quantization type.", choices=("nf4", "fp4"), scope="train")
+    bnb_4bit_double_quant: bool = _f(True, "Double quantization of the 4-bit constants.", scope="train")
     compute_dtype: str = _f("auto", "auto (bf16 where supported, else fp16 on GPU / fp32 on CPU), bf16, fp16, fp32.",
-                            choices=("auto", "bf16", "fp16", "fp32"))
+                            choices=("auto", "bf16", "fp16", "fp32"), scope="train")
     attn_implementation: str = _f("auto", "Attention kernel: auto (SDPA, except short CPU training batches "
                                   "(at most 320 tokens at 1 thread, 160 at 2), which use matmul attention: faster "
                                   "there, see hb_utils.attention), sdpa, or eager; same results up to rounding.",
-                                  choices=("auto", "sdpa", "eager"))
+                                  choices=("auto", "sdpa", "eager"), scope="run")
     # --- LoRA ---
-    lora_r: int = _f(8, "LoRA rank.", min=1)
-    lora_alpha: int = _f(16, "LoRA alpha; the adapter output is scaled by alpha / r.", min=1)
-    lora_dropout: float = _f(0.05, "LoRA dropout, in [0, 1).", min=0.0, max_excl=1.0)
+    lora_r: int = _f(8, "LoRA rank.", min=1, scope="train")
+    lora_alpha: int = _f(16, "LoRA alpha; the adapter output is scaled by alpha / r.", min=1, scope="train")
+    lora_dropout: float = _f(0.05, "LoRA dropout, in [0, 1).", min=0.0, max_excl=1.0, scope="train")
     fast_lora_dropout: bool = _f(True, "On CPU, draw LoRA dropout masks 16 bits at a time (3.5x faster masks, "
-                                 "p rounded to 2**-16, a different random stream); False: PEFT's nn.Dropout.")
-    lora_target_modules: list[str] = _f(LORA_TARGETS, "Module names that get LoRA adapters.")
+                                 "p rounded to 2**-16, a different random stream); False: PEFT's nn.Dropout.", scope="train")
+    lora_target_modules: list[str] = _f(LORA_TARGETS, "Module names that get LoRA adapters.", scope="train")
     # --- training ---
-    learning_rate: float = _f(2e-4, "Peak learning rate.", min_excl=0.0)
-    batch_size: int = _f(2, "Per-device training batch size.", min=1)
-    eval_batch_size: int = _f(2, "Per-device evaluation batch size.", min=1)
-    grad_accum: int = _f(4, "Gradient accumulation steps.", min=1)
-    num_epochs: float = _f(1.0, "Training epochs.", min_excl=0.0)
-    max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: run num_epochs).", min=-1)
-    lr_scheduler: str = _f("cosine", "Learning-rate schedule (transformers name).")
-    warmup_ratio: float = _f(0.05, "Share of steps for warm-up.", min=0.0, max=1.0)
-    weight_decay: float = _f(0.001, "Weight decay.", min=0.0)
+    learning_rate: float = _f(2e-4, "Peak learning rate.", min_excl=0.0, scope="train")
+    batch_size: int = _f(2, "Per-device training batch size.", min=1, scope="train")
+    eval_batch_size: int = _f(2, "Per-device evaluation batch size.", min=1, scope="train")
+    grad_accum: int = _f(4, "Gradient accumulation steps.", min=1, scope="train")
+    num_epochs: float = _f(1.0, "Training epochs.", min_excl=0.0, scope="train")
+    max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: run num_epochs).", min=-1, scope="train")
+    lr_scheduler: str = _f("cosine", "Learning-rate schedule (transformers name).", scope="train")
+    warmup_ratio: float = _f(0.05, "Share of steps for warm-up.", min=0.0, max=1.0, scope="train")
+    weight_decay: float = _f(0.001, "Weight decay.", min=0.0, scope="train")
     optim: str = _f("paged_adamw_8bit", "Optimizer (transformers name). paged_adamw_8bit: 8-bit AdamW whose states "
                     "page out to CPU memory under GPU memory pressure; on a CPU bitsandbytes runs the same "
-                    "8-bit AdamW unpaged (and warns so).")
-    max_grad_norm: float = _f(0.3, "Gradient clipping norm.", min_excl=0.0)
-    gradient_checkpointing: bool = _f(True, "Recompute activations to save memory.")
-    group_by_length: bool = _f(False, "Batch examples of similar length (less padding).")
-    logging_steps: int = _f(25, "Log training loss every N steps.", min=1)
-    eval_steps: int = _f(100, "Validate every N steps.", min=1)
-    save_steps: int = _f(200, "Checkpoint every N steps.", min=1)
-    load_best_model: bool = _f(True, "Keep the checkpoint with the best validation loss.")
-    completion_only_loss: bool = _f(True, "Loss on answer tokens only (False: original full-sequence loss).")
-    seed: int = _f(42, "Training seed.")
+                    "8-bit AdamW unpaged (and warns so).", scope="train")
+    max_grad_norm: float = _f(0.3, "Gradient clipping norm.", min_excl=0.0, scope="train")
+    gradient_checkpointing: bool = _f(True, "Recompute activations to save memory.", scope="train")
+    group_by_length: bool = _f(False, "Batch examples of similar length (less padding).", scope="train")
+    logging_steps: int = _f(25, "Log training loss every N steps.", min=1, scope="run")
+    eval_steps: int = _f(100, "Validate every N steps.", min=1, scope="train")
+    save_steps: int = _f(200, "Checkpoint every N steps.", min=1, scope="train")
+    load_best_model: bool = _f(True, "Keep the checkpoint with the best validation loss.", scope="train")
+    completion_only_loss: bool = _f(True, "Loss on answer tokens only (False: original full-sequence loss).", scope="train")
+    seed: int = _f(42, "Training seed.", scope="train")
     report_to: str = _f("none", "Training logger: none or tensorboard (needs `pip install tensorboard`; "
-                        "logs in checkpoints/runs/).", choices=("none", "tensorboard"))
+                        "logs in checkpoints/runs/).", choices=("none", "tensorboard"), scope="run")
     resume: str = _f("auto", "auto: continue from this config's newest checkpoint; never: start fresh.",
-                     choices=("auto", "never"))
+                     choices=("auto", "never"), scope="run")
     # --- evaluation ---
-    eval_size: int | str = _f(20, "Test questions to generate answers for (an int, or 'all').")
-    eval_max_new_tokens: int = _f(150, "New-token limit of evaluation answers (greedy).", min=1)
-    ppl_size: int | str = _f(50, "Test texts for perplexity (an int, or 'all').")
-    gen_batch_size: int = _f(32, "Batch size of evaluation generation (left-padded, greedy).", min=1)
-    ppl_batch_size: int = _f(8, "Batch size of the perplexity passes.", min=1)
-    bootstrap_samples: int = _f(1000, "Bootstrap resamples for confidence intervals.", min=10)
+    eval_size: int | str = _f(20, "Test questions to generate answers for (an int, or 'all').", scope="eval")
+    eval_max_new_tokens: int = _f(150, "New-token limit of evaluation answers (greedy).", min=1, scope="eval")
+    ppl_size: int | str = _f(50, "Test texts for perplexity (an int, or 'all').", scope="eval")
+    gen_batch_size: int = _f(32, "Batch size of evaluation generation (left-padded, greedy).", min=1, scope="eval")
+    ppl_batch_size: int = _f(8, "Batch size of the perplexity passes.", min=1, scope="eval")
+    bootstrap_samples: int = _f(1000, "Bootstrap resamples for confidence intervals.", min=10, scope="eval")
     # --- qualitative ---
-    prompts: list[str] = _f([], "Extra prompts for 05_qualitative, besides the six standard ones.")
-    qual_temperature: float = _f(0.3, "Sampling temperature of qualitative answers.", min_excl=0.0)
-    qual_top_p: float = _f(0.9, "Nucleus sampling top_p.", min_excl=0.0, max=1.0)
-    qual_repetition_penalty: float = _f(1.15, "Repetition penalty.", min_excl=0.0)
-    qual_max_new_tokens: int = _f(256, "New-token limit of qualitative answers.", min=1)
-    qual_seed: int = _f(42, "Sampling seed, so a rerun gives the same text.")
-    progress: bool = _f(True, "Show progress bars (kept quiet in headless runs).")
+    prompts: list[str] = _f([], "Extra prompts for 05_qualitative, besides the six standard ones.", scope="eval")
+    qual_temperature: float = _f(0.3, "Sampling temperature of qualitative answers.", min_excl=0.0, scope="eval")
+    qual_top_p: float = _f(0.9, "Nucleus sampling top_p.", min_excl=0.0, max=1.0, scope="eval")
+    qual_repetition_penalty: float = _f(1.15, "Repetition penalty.", min_excl=0.0, scope="eval")
+    qual_max_new_tokens: int = _f(256, "New-token limit of qualitative answers.", min=1, scope="eval")
+    qual_seed: int = _f(42, "Sampling seed, so a rerun gives the same text.", scope="eval")
+    progress: bool = _f(True, "Show progress bars (kept quiet in headless runs).", scope="run")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -167,18 +159,23 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def fingerprint(self, scope: str = "all") -> str:
-        """A short hash of the fields that define an artifact: ``data``, ``train`` or ``all``."""
-        names = {"data": DATA_FIELDS, "train": TRAIN_FIELDS}.get(scope)
-        if names is None:
-            if scope != "all":
-                raise ValueError(f"unknown fingerprint scope {scope!r}")
-            names = tuple(f.name for f in fields(self) if f.name not in NON_RESULT_FIELDS)
+    def fingerprint(self, scope: str = "eval") -> str:
+        """A short hash of the fields that shape an artifact of ``scope``: ``data`` (the split),
+        ``train`` (the adapter: data + train fields) or ``eval`` (the metrics: every result field)."""
+        if scope not in FINGERPRINT_SCOPES:
+            raise ValueError(f"unknown fingerprint scope {scope!r}; expected one of {', '.join(FINGERPRINT_SCOPES)}")
+        names = fields_in(*FINGERPRINT_SCOPES[scope])
         payload = json.dumps({n: getattr(self, n) for n in names}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
     def fingerprints(self) -> dict[str, str]:
-        return {s: self.fingerprint(s) for s in ("data", "train", "all")}
+        return {s: self.fingerprint(s) for s in FINGERPRINT_SCOPES}
+
+    def differences(self, other: ExperimentConfig | Mapping[str, Any], scope: str = "eval") -> dict[str, tuple]:
+        """``{name: (other's value, this value)}`` for the fields of ``scope``'s fingerprint that differ."""
+        theirs = other.to_dict() if isinstance(other, ExperimentConfig) else dict(other)
+        return {n: (theirs.get(n), getattr(self, n)) for n in fields_in(*FINGERPRINT_SCOPES[scope])
+                if theirs.get(n) != getattr(self, n)}
 
     def replace(self, **changes: Any) -> ExperimentConfig:
         _check_names(changes)
@@ -186,6 +183,11 @@ class ExperimentConfig:
 
 
 FIELDS = {f.name: f for f in fields(ExperimentConfig)}
+
+
+def fields_in(*scopes: str) -> tuple[str, ...]:
+    """The names of the fields whose scope is one of ``scopes``, in declaration order."""
+    return tuple(name for name, f in FIELDS.items() if f.metadata["scope"] in scopes)
 
 
 def _check_names(values: Mapping[str, Any]) -> None:
@@ -302,30 +304,73 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> ExperimentC
     return ExperimentConfig(**values)
 
 
-# Names IPython/Jupyter put into a notebook's namespace that are not parameters.
-_NOTEBOOK_NAMES = {"In", "Out", "exit", "quit", "get_ipython", "open"}
+# The first line of a parameters cell: ours (generated, see parameters_cell_source) and papermill's injected one.
+PARAMETERS_HEADER = "# Parameters (papermill: -f params/<name>.yaml, -p name value). Defaults = Experiment 1."
+_INJECTED_HEADER = "# Parameters"
+
+
+def _assigned_names(source: str) -> list[str]:
+    """Top-level names a cell assigns (``name = ...`` or ``name: type = ...``)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return []
+    names = []
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        names += [t.id for t in targets if isinstance(t, ast.Name)]
+    return names
+
+
+def parameter_names_from_history(history: Sequence[str]) -> list[str] | None:
+    """Names assigned by the parameters cells that ran last in a kernel (IPython's ``In`` list).
+
+    Walks back from the newest input: papermill's injected cell (first line ``# Parameters``) and our
+    generated parameters cell (first line :data:`PARAMETERS_HEADER`) count; the walk stops at ours.
+    None when no parameters cell ran in this kernel.
+    """
+    found: list[str] = []
+    seen = False
+    for source in reversed(list(history)):
+        first = source.lstrip().split("\n", 1)[0].strip() if source else ""
+        if first == PARAMETERS_HEADER or first == _INJECTED_HEADER:
+            found += _assigned_names(source)
+            seen = True
+            if first == PARAMETERS_HEADER:
+                break
+    return found if seen else None
 
 
 def config_from_namespace(namespace: Mapping[str, Any]) -> ExperimentConfig:
     """Build the config from a notebook's globals after the parameters cell.
 
     Papermill injects parameters as plain assignments and only warns about names the notebook does
-    not declare; this picks up every plain value the parameters (and injected-parameters) cells
-    defined, so an unknown name such as ``lora_rr`` fails here instead of being ignored.
+    not declare, so an unknown name (``-p lora_rr 8``) must fail here, with a did-you-mean. But the
+    notebook's own variables (``rows``, ``keys`` …) live in the same globals, and a second *Run All*
+    or a rerun from the parameters cell must not mistake them for parameters. So in a kernel the
+    candidates are the names the parameters cells that just ran assigned (read from IPython's input
+    history, ``In``); the values of every known field come from the namespace. Without a history
+    (a plain dict, e.g. in tests) every plain value counts as a parameter.
     """
-    values = {
-        k: v for k, v in namespace.items()
-        if not k.startswith("_") and k not in _NOTEBOOK_NAMES
-        and isinstance(v, (str, int, float, bool, list, tuple, type(None)))
-    }
-    _check_names(values)
-    return ExperimentConfig(**values)
+    history = namespace.get("In")
+    names = parameter_names_from_history(history) if isinstance(history, list) else None
+    if names is None:
+        names = [k for k, v in namespace.items() if not k.startswith("_") and k not in _NOTEBOOK_NAMES
+                 and isinstance(v, (str, int, float, bool, list, tuple, type(None)))]
+    _check_names(dict.fromkeys(names))
+    return ExperimentConfig(**{k: namespace[k] for k in FIELDS if k in namespace})
+
+
+# Names IPython/Jupyter put into a notebook's namespace that are not parameters.
+_NOTEBOOK_NAMES = {"In", "Out", "exit", "quit", "get_ipython", "open"}
 
 
 def parameters_cell_source() -> str:
     """The canonical parameters cell: one ``name: type = default  # help`` line per field
-    (the form ``papermill --help-notebook`` documents)."""
-    lines = []
+    (the form ``papermill --help-notebook`` documents), under :data:`PARAMETERS_HEADER`.
+    ``python scripts/nbtools.py params`` writes it into every notebook; a test fails on drift."""
+    lines = [PARAMETERS_HEADER,
+             "# Generated from hb_utils/config.py (`python scripts/nbtools.py params`); the next cell validates them."]
     for f in fields(ExperimentConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         typ = _type_name(f)

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from hb_utils import paths
-from hb_utils.config import DATA_FIELDS, ExperimentConfig
-from hb_utils.errors import DataError, RunError
+from hb_utils import run_dir
+from hb_utils.config import ExperimentConfig
+from hb_utils.errors import DataError
 
 # The columns of lavita/MedQuAD (the Hub conversion of the XML release), in its order.
 COLUMNS = [
@@ -124,7 +124,7 @@ def _normalize_columns(df: pd.DataFrame, origin: str) -> pd.DataFrame:
 def load_raw(source: str, split: str = "train") -> tuple[pd.DataFrame, dict[str, Any]]:
     """Load MedQuAD from a release folder, a data file, or a Hub id → (frame with COLUMNS, info)."""
     looks_local = source.startswith((".", "/", "~")) or Path(source).suffix.lower() in (".parquet", ".jsonl", ".json", ".csv")
-    path = paths.resolve(source)
+    path = run_dir.resolve(source)
     if path.is_dir():
         df, info = load_xml_release(path)
     elif path.is_file():
@@ -136,7 +136,7 @@ def load_raw(source: str, split: str = "train") -> tuple[pd.DataFrame, dict[str,
         df, info = _load_hub(source, split), {"kind": "hub", "split": split}
     info["source"] = str(path) if info["kind"] != "hub" else source
     info["rows"] = len(df)
-    info["answered"] = int((df["answer"].str.strip() != "").sum())
+    info["answered"] = int(answered(df).sum())
     return df, info
 
 
@@ -152,6 +152,14 @@ def _load_hub(dataset_id: str, split: str) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------- cleaning
+def answered(df: pd.DataFrame) -> pd.Series:
+    """The rows whose answer holds text: the one definition of "answered" (EDA, plots, filters).
+
+    The XML release has empty ``<Answer/>`` elements where answers were removed for copyright.
+    """
+    return df["answer"].astype(str).str.strip() != ""
+
+
 def clean_text(text: str, strip_html: bool = True) -> str:
     """Strip HTML tags (optional) and collapse whitespace, as the original notebook did."""
     if strip_html:
@@ -177,7 +185,7 @@ def clean_and_filter(df: pd.DataFrame, cfg: ExperimentConfig) -> tuple[pd.DataFr
     df = df.copy()
     df["question"] = df["question"].map(lambda t: clean_text(t, cfg.strip_html))
     df["answer"] = df["answer"].map(lambda t: clean_text(t, cfg.strip_html))
-    step("answer present", df["answer"] != "")
+    step("answer present", answered(df))
     step(f"question > {cfg.min_question_chars} chars", df["question"].str.len() > cfg.min_question_chars)
     step(f"answer > {cfg.min_answer_chars} chars", df["answer"].str.len() > cfg.min_answer_chars)
     step(f"answer <= {cfg.max_answer_words} words", df["answer"].str.split().str.len() <= cfg.max_answer_words)
@@ -223,7 +231,7 @@ def split_frame(df: pd.DataFrame, cfg: ExperimentConfig, split_by: str | None = 
         else:
             assign[g] = "train"
     which = keys.map(assign)
-    return {name: df[which == name].reset_index(drop=True) for name in paths.SPLITS}
+    return {name: df[which == name].reset_index(drop=True) for name in run_dir.SPLITS}
 
 
 def leakage(splits: dict[str, pd.DataFrame]) -> dict[str, int]:
@@ -289,10 +297,8 @@ def prepare_splits(cfg: ExperimentConfig, *, write: bool = True, raw: pd.DataFra
             raise DataError(f"The {name} split is empty ({drawn} pairs split by {cfg.split_by}). "
                             "Raise sample_size or change the split fractions.")
     row_frames = frames if cfg.split_by == "row" else split_frame(sample, cfg, "row")
-    fp = cfg.fingerprint("data")
     stats = {
-        "data_fingerprint": fp,
-        "data_config": {k: getattr(cfg, k) for k in DATA_FIELDS},
+        "stamp": run_dir.stamp(cfg, "data", "data.prepare_splits"),
         "raw": raw_info or {},
         "funnel": funnel,
         "sample": {"requested": cfg.sample_size, "drawn": drawn, "reduced": drawn < cfg.sample_size,
@@ -306,36 +312,35 @@ def prepare_splits(cfg: ExperimentConfig, *, write: bool = True, raw: pd.DataFra
     prepared = Prepared(records=records, frames=frames, stats=stats)
     if write:
         _check_run_data(cfg)
-        run = paths.RunPaths.for_config(cfg)
+        run = run_dir.RunPaths.for_config(cfg)
         for name, recs in records.items():
-            prepared.files[name] = str(paths.write_jsonl(run.split(name), recs))
-        prepared.files["stats"] = str(paths.write_json(run.data_stats, stats))
+            prepared.files[name] = str(run_dir.write_jsonl(run.split(name), recs))
+        prepared.files["stats"] = str(run_dir.write_json(run.data_stats, stats))
     return prepared
 
 
 def _check_run_data(cfg: ExperimentConfig) -> None:
     """Refuse to replace split files that a different data config made (unless cfg.overwrite)."""
-    run = paths.RunPaths.for_config(cfg)
+    run = run_dir.RunPaths.for_config(cfg)
     if run.data_stats.is_file() and not cfg.overwrite:
-        old = paths.read_json(run.data_stats).get("data_fingerprint")
-        if old != cfg.fingerprint("data"):
-            raise RunError(f"{run.data} holds splits of another data config (fingerprint {old}, this config "
-                           f"{cfg.fingerprint('data')}). Use a new `experiment` name, or set overwrite=True to replace them.")
+        run_dir.require(run_dir.read_stamp(run.data_stats), cfg, "data", what=run.data,
+                        fix="Use a new `experiment` name, or set overwrite=True to replace the splits.")
 
 
 def splits_are_current(cfg: ExperimentConfig) -> bool:
-    run = paths.RunPaths.for_config(cfg)
-    if not run.data_stats.is_file() or not all(run.split(s).is_file() for s in paths.SPLITS):
+    """True when the run directory holds all three splits, stamped with this config's data fingerprint."""
+    run = run_dir.RunPaths.for_config(cfg)
+    if not all(run.split(s).is_file() for s in run_dir.SPLITS):
         return False
-    return paths.read_json(run.data_stats).get("data_fingerprint") == cfg.fingerprint("data")
+    return run_dir.stamp_matches(run_dir.read_stamp(run.data_stats), cfg, "data")
 
 
 def ensure_splits(cfg: ExperimentConfig) -> dict[str, list[dict[str, Any]]]:
     """The split records of this config: read from the run directory, or rebuilt (cheap) when missing."""
     if not splits_are_current(cfg):
         return prepare_splits(cfg).records
-    run = paths.RunPaths.for_config(cfg)
-    return {s: paths.read_jsonl(run.split(s)) for s in paths.SPLITS}
+    run = run_dir.RunPaths.for_config(cfg)
+    return {s: run_dir.read_jsonl(run.split(s)) for s in run_dir.SPLITS}
 
 
 def load_split(cfg: ExperimentConfig, name: str) -> list[dict[str, Any]]:

@@ -7,9 +7,13 @@ the tests check them on synthetic data.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pandas as pd
 
-from hb_utils.data import normalize_question
+from hb_utils import run_dir
+from hb_utils.config import ExperimentConfig
+from hb_utils.data import answered, normalize_question
 
 
 def overview(df: pd.DataFrame) -> pd.DataFrame:
@@ -21,29 +25,29 @@ def overview(df: pd.DataFrame) -> pd.DataFrame:
 
 def per_source(df: pd.DataFrame) -> pd.DataFrame:
     """Pairs, answered pairs and answered share per source, largest first."""
-    answered = df["answer"].str.strip() != ""
+    mask = answered(df)
     out = pd.DataFrame({"pairs": df.groupby("document_source").size(),
-                        "answered": answered.groupby(df["document_source"]).sum()})
+                        "answered": mask.groupby(df["document_source"]).sum()})
     out["answered_%"] = (100 * out["answered"] / out["pairs"]).round(1)
     return out.sort_values("pairs", ascending=False)
 
 
 def per_question_type(df: pd.DataFrame) -> pd.DataFrame:
     """Pairs and answered pairs per question type."""
-    answered = df["answer"].str.strip() != ""
+    mask = answered(df)
     out = pd.DataFrame({"pairs": df.groupby("question_type").size(),
-                        "answered": answered.groupby(df["question_type"]).sum()})
+                        "answered": mask.groupby(df["question_type"]).sum()})
     return out.sort_values("pairs", ascending=False)
 
 
 def duplicate_questions(df: pd.DataFrame) -> dict[str, int]:
     """How often the same normalized question recurs among answered pairs (the split's leakage risk)."""
-    answered = df[df["answer"].str.strip() != ""]
-    key = answered["question"].map(normalize_question)
+    kept = df[answered(df)]
+    key = kept["question"].map(normalize_question)
     counts = key.value_counts()
-    focus = answered["question_focus"].map(normalize_question)
+    focus = kept["question_focus"].map(normalize_question)
     return {
-        "answered_pairs": len(answered),
+        "answered_pairs": len(kept),
         "distinct_questions": int(counts.size),
         "repeated_pairs": int(key.duplicated().sum()),
         "questions_asked_more_than_once": int((counts > 1).sum()),
@@ -55,6 +59,12 @@ def duplicate_questions(df: pd.DataFrame) -> dict[str, int]:
 
 def length_summary(df: pd.DataFrame) -> pd.DataFrame:
     """Word-length statistics of questions and answers (answered pairs)."""
-    answered = df[df["answer"].str.strip() != ""]
-    return pd.DataFrame({c: answered[c].str.split().str.len().describe(percentiles=[0.5, 0.9, 0.99])
+    kept = df[answered(df)]
+    return pd.DataFrame({c: kept[c].str.split().str.len().describe(percentiles=[0.5, 0.9, 0.99])
                          for c in ("question", "answer")}).T.round(1)
+
+
+def write_summary(cfg: ExperimentConfig, source: dict[str, Any], duplicates: dict[str, Any]) -> None:
+    """``data/eda.json``: where the raw data came from and its duplicate counts, stamped like every artifact."""
+    run_dir.write_json(run_dir.RunPaths.for_config(cfg).data / "eda.json",
+                       {"stamp": run_dir.stamp(cfg, "data", "01_eda"), "source": source, "duplicates": duplicates})

@@ -13,6 +13,9 @@ from typing import Any
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from hb_utils.data import answered
+from hb_utils.results import loss_points
+
 
 def save(fig: plt.Figure, path: Path | None) -> plt.Figure:
     """Save a figure as PNG (creating the folder) and return it for inline display."""
@@ -25,8 +28,8 @@ def save(fig: plt.Figure, path: Path | None) -> plt.Figure:
 
 def answered_by_source(df: pd.DataFrame, path: Path | None = None) -> plt.Figure:
     """Stacked bars: answered vs unanswered pairs per source (3 sources had answers removed)."""
-    answered = df["answer"].str.strip() != ""
-    table = pd.crosstab(df["document_source"], answered.map({True: "answered", False: "no answer"}))
+    mask = answered(df)
+    table = pd.crosstab(df["document_source"], mask.map({True: "answered", False: "no answer"}))
     table = table.reindex(columns=["answered", "no answer"], fill_value=0).sort_values("answered")
     fig, ax = plt.subplots(figsize=(8, 4.5))
     table.plot.barh(stacked=True, ax=ax, color=["#3b7dd8", "#c9c9c9"])
@@ -38,7 +41,7 @@ def answered_by_source(df: pd.DataFrame, path: Path | None = None) -> plt.Figure
 
 def question_types(df: pd.DataFrame, path: Path | None = None, top: int = 20) -> plt.Figure:
     """Horizontal bars of the most common question types among answered pairs."""
-    counts = df.loc[df["answer"].str.strip() != "", "question_type"].value_counts().head(top)[::-1]
+    counts = df.loc[answered(df), "question_type"].value_counts().head(top)[::-1]
     fig, ax = plt.subplots(figsize=(8, 5))
     counts.plot.barh(ax=ax, color="#3b7dd8")
     ax.set_xlabel("answered pairs")
@@ -49,10 +52,10 @@ def question_types(df: pd.DataFrame, path: Path | None = None, top: int = 20) ->
 def length_distributions(df: pd.DataFrame, max_answer_words: int | None = None,
                          path: Path | None = None) -> plt.Figure:
     """Histograms of question and answer lengths in words (answered pairs), with the filter cut-off."""
-    answered = df[df["answer"].str.strip() != ""]
+    kept = df[answered(df)]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, col in zip(axes, ("question", "answer"), strict=True):
-        words = answered[col].str.split().str.len()
+        words = kept[col].str.split().str.len()
         clip = words.quantile(0.99)
         ax.hist(words.clip(upper=clip), bins=50, color="#3b7dd8")
         ax.set_title(f"{col} length (words, clipped at p99 = {clip:.0f})")
@@ -86,3 +89,25 @@ def split_lengths(frames: dict[str, pd.DataFrame], path: Path | None = None) -> 
     ax.set_xlabel("answer words")
     ax.set_title("Answer length per split")
     return save(fig, path)
+
+
+def loss_curve(log_history: list[dict[str, Any]], path: Path | None = None) -> Any:
+    """Training and validation loss against the optimizer step; saved as PNG when ``path`` is given."""
+    train, val = loss_points(log_history)
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), marker="o", ms=3, label="train loss")
+    if val:
+        ax.plot(*zip(*val, strict=True), marker="s", ms=4, label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats / supervised token)")
+    ax.set_title("Training and validation loss")
+    ax.grid(alpha=0.3)
+    if train or val:
+        ax.legend()
+    return save(fig, path)
+
+
+def close(fig: plt.Figure) -> None:
+    """Free a figure the notebook does not show (headless writers)."""
+    plt.close(fig)

@@ -10,27 +10,22 @@ from its newest checkpoint); each executed notebook is also rendered as a self-c
 from __future__ import annotations
 
 import os
-import platform
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass
-from datetime import datetime
-from importlib import metadata
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from hb_utils import paths
+from hb_utils import device, run_dir
 from hb_utils.config import ExperimentConfig
 from hb_utils.errors import RunError
 
 STAGES = ["01_eda", "02_format_split", "03_train_qlora", "04_evaluate", "05_qualitative"]
-PACKAGES = ["torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate", "papermill",
-            "rouge-score", "sacrebleu", "pandas"]
 
 
 def notebook_path(stage: str) -> Path:
-    return paths.repo_root() / "notebooks" / f"{stage}.ipynb"
+    return run_dir.repo_root() / "notebooks" / f"{stage}.ipynb"
 
 
 def select_stages(start: str | None = None, only: str | None = None) -> list[str]:
@@ -48,43 +43,6 @@ def select_stages(start: str | None = None, only: str | None = None) -> list[str
     return STAGES[find(start):] if start else list(STAGES)
 
 
-# --------------------------------------------------------------------------- provenance
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=paths.repo_root(), capture_output=True, text=True,
-                             timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=paths.repo_root(),
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (out.stdout.strip() + ("-dirty" if dirty else "")) if out.returncode == 0 else None
-
-
-def package_versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def hardware() -> dict[str, Any]:
-    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "cpu_count": os.cpu_count()}
-    try:
-        import torch
-
-        info["cuda"] = torch.cuda.is_available()
-        if info["cuda"]:
-            info["gpu"] = torch.cuda.get_device_name(0)
-            info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-    except ImportError:  # pragma: no cover - torch is a dependency
-        info["cuda"] = None
-    return info
-
-
 # --------------------------------------------------------------------------- run directory
 @dataclass
 class RunState:
@@ -95,13 +53,13 @@ class RunState:
 
     @property
     def fingerprint(self) -> str | None:
-        return self.payload.get("fingerprints", {}).get("all")
+        return self.payload.get("fingerprints", {}).get("eval")
 
     def done(self, stage: str) -> bool:
         return self.payload.get("stages", {}).get(stage, {}).get("status") == "done"
 
     def save(self) -> None:
-        paths.write_json(self.path, self.payload)
+        run_dir.write_json(self.path, self.payload)
 
 
 def open_run(cfg: ExperimentConfig, *, overwrite: bool = False) -> RunState:
@@ -109,10 +67,10 @@ def open_run(cfg: ExperimentConfig, *, overwrite: bool = False) -> RunState:
 
     With ``overwrite`` the old directory is moved aside (``<experiment>.replaced-<time>``), never deleted.
     """
-    run = paths.RunPaths.for_config(cfg)
+    run = run_dir.RunPaths.for_config(cfg)
     if run.config_json.is_file():
-        old = paths.read_json(run.config_json)
-        if old.get("fingerprints", {}).get("all") != cfg.fingerprint("all"):
+        old = run_dir.read_json(run.config_json)
+        if old.get("fingerprints", {}).get("eval") != cfg.fingerprint("eval"):
             if not overwrite:
                 changed = sorted(k for k, v in cfg.to_dict().items()
                                  if k in old.get("config", {}) and old["config"][k] != v)
@@ -130,8 +88,7 @@ def open_run(cfg: ExperimentConfig, *, overwrite: bool = False) -> RunState:
         _move_aside(run.root)
     payload = {
         "experiment": cfg.experiment, "config": cfg.to_dict(), "fingerprints": cfg.fingerprints(),
-        "git_commit": git_commit(), "packages": package_versions(), "hardware": hardware(),
-        "created": paths.utc_now(), "stages": {},
+        "git_commit": device.git_commit(), "machine": device.summary(), "created": run_dir.utc_now(), "stages": {},
     }
     state = RunState(run.config_json, payload)
     state.save()
@@ -139,7 +96,7 @@ def open_run(cfg: ExperimentConfig, *, overwrite: bool = False) -> RunState:
 
 
 def _move_aside(root: Path) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     target = root.with_name(f"{root.name}.replaced-{stamp}")
     shutil.move(str(root), target)
     print(f"moved the previous run aside: {target}")
@@ -159,21 +116,15 @@ class StageResult:
 
 def execute_stage(stage: str, cfg: ExperimentConfig, reports: Path, kernel: str = "python3") -> StageResult:
     """Execute one notebook with papermill; on failure keep the partial notebook and say where it failed."""
-    import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
-    from hb_utils.report import to_html
+    from hb_utils.report import execute, to_html
 
-    reports.mkdir(parents=True, exist_ok=True)
     out = reports / f"{stage}.ipynb"
     start = time.perf_counter()
     error = None
     try:
-        # The kernel inherits our stderr; ipykernel 7 warns there at every start that its local TCP sockets
-        # are unencrypted, which would break "one line per notebook". Errors still show.
-        pm.execute_notebook(str(notebook_path(stage)), str(out), parameters=cfg.to_dict(), kernel_name=kernel,
-                            cwd=str(paths.repo_root()), progress_bar=False, log_output=False,
-                            extra_arguments=["--IPKernelApp.log_level=ERROR"])
+        execute(notebook_path(stage), out, cfg.to_dict(), cwd=run_dir.repo_root(), kernel=kernel)
     except PapermillExecutionError as exc:
         error = (f"{stage} failed in cell {exc.cell_index} (execution count {exc.exec_count}): "
                  f"{exc.ename}: {exc.evalue}")
@@ -191,7 +142,7 @@ def run_experiment(cfg: ExperimentConfig, *, start: str | None = None, only: str
     explicit = bool(start or only)
     stages = select_stages(start, only)
     state = open_run(cfg, overwrite=overwrite)
-    reports = paths.RunPaths.for_config(cfg).reports
+    reports = run_dir.RunPaths.for_config(cfg).reports
     os.environ.setdefault("HB_HEADLESS", "1")  # quiet progress bars inside the executed notebooks
     results = []
     for stage in stages:
@@ -199,11 +150,11 @@ def run_experiment(cfg: ExperimentConfig, *, start: str | None = None, only: str
             results.append(StageResult(stage, "skipped", 0.0, reports / f"{stage}.ipynb"))
             echo(f"{stage:17s} skipped (finished earlier; --from {stage[:2]} reruns it)")
             continue
-        state.payload["stages"][stage] = {"status": "running", "started": paths.utc_now()}
+        state.payload["stages"][stage] = {"status": "running", "started": run_dir.utc_now()}
         state.save()
         res = execute_stage(stage, cfg, reports, kernel)
         results.append(res)
-        state.payload["stages"][stage] = {"status": res.status, "seconds": round(res.seconds, 1), "finished": paths.utc_now()}
+        state.payload["stages"][stage] = {"status": res.status, "seconds": round(res.seconds, 1), "finished": run_dir.utc_now()}
         state.save()
         echo(f"{stage:17s} {res.status:6s} {res.seconds:7.1f}s  {res.html or res.report}")
         if res.error:

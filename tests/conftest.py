@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from hb_utils.config import ExperimentConfig, load_config
+from hb_utils.run_dir import RunPaths
 
 ROOT = Path(__file__).resolve().parent.parent
 MEDQUAD = (ROOT.parent / "shared" / "medquad").resolve()
@@ -54,3 +61,45 @@ def medquad() -> Path:
     if not (MEDQUAD / "1_CancerGov_QA").is_dir():
         pytest.skip(f"MedQuAD XML release not found at {MEDQUAD} (integration data; see README)")
     return MEDQUAD
+
+
+# --------------------------------------------------------------------------- the smoke series, once per session
+SMOKE = ROOT / "params" / "smoke.yaml"
+
+
+def hb(*args: str, cwd: Path = ROOT, timeout: int = 1800) -> subprocess.CompletedProcess:
+    """The `hb` command as a user runs it (`python -m hb_utils`), headless."""
+    return subprocess.run([sys.executable, "-m", "hb_utils", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "HB_HEADLESS": "1"}, timeout=timeout)
+
+
+def as_flags(params: dict) -> list[str]:
+    return [x for k, v in params.items() for x in ("-p", k, str(v))]
+
+
+@dataclass
+class SmokeSeries:
+    """One finished `hb run params/smoke.yaml` (01 -> 05) in a temporary output root."""
+
+    cfg: ExperimentConfig
+    params: dict
+    proc: subprocess.CompletedProcess
+    root: Path
+
+    @property
+    def run(self) -> RunPaths:
+        return RunPaths.for_config(self.cfg)
+
+
+@pytest.fixture(scope="session")
+def smoke_series(tmp_path_factory: pytest.TempPathFactory) -> SmokeSeries:
+    """The smoke experiment trained and evaluated ONCE per test session, shared by every test that needs a
+    trained adapter or executed reports (end to end, notebooks, evaluation): training is the expensive part,
+    and on a 2-core CPU without bf16 units one series takes minutes. Uses the MedQuAD release when present,
+    else a synthetic one (never real MedQuAD text)."""
+    root = tmp_path_factory.mktemp("smoke_series")
+    dataset = MEDQUAD if (MEDQUAD / "1_CancerGov_QA").is_dir() else write_release(root / "release", n_docs=30)
+    params = {"output_root": str(root / "outputs"), "dataset": str(dataset)}
+    proc = hb("run", str(SMOKE), *as_flags(params))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return SmokeSeries(load_config(SMOKE, **params), params, proc, root)

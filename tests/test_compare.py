@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from hb_utils import cli, compare
+from hb_utils import cli, compare, run_dir
 from hb_utils.config import load_config
 from hb_utils.errors import RunError
 
@@ -21,14 +21,15 @@ def make_run(root, name, lora_r, rouge, val_loss):
     (run / "metrics").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"config": cfg.to_dict(), "fingerprints": cfg.fingerprints()}))
     (run / "metrics" / "train.json").write_text(json.dumps({
-        "final_train_loss": val_loss + 0.1, "best_val_loss": val_loss, "final_val_loss": val_loss + 0.01,
+        "stamp": run_dir.stamp(cfg, "train", "test"), "final_train_loss": val_loss + 0.1, "best_val_loss": val_loss, "final_val_loss": val_loss + 0.01,
         "train_runtime_s": 12.5, "tokens_per_second": 321.0, "peak_memory": {"gb": 1.5}, "global_step": 4}))
     gen = {m: {"base": ci(0.1), "finetuned": ci(rouge), "delta": {"delta": rouge - 0.1, "ci_low": 0.0,
                                                                    "ci_high": 0.2, "p_not_better": 0.1}}
            for m in ("rouge1", "rouge2", "rougeL", "rougeLsum", "stopped", "disclaimer", "empty_or_loop", "words")}
     gen["bleu"] = {"base": ci(3.0, 1), "finetuned": ci(5.0, 1), "delta": {"delta": 2, "ci_low": 1, "ci_high": 3}}
     ppl = {s: {"answer_token_weighted": ci(12.0, 1)} for s in ("base", "finetuned")}
-    (run / "metrics" / "eval.json").write_text(json.dumps({"generation": gen, "perplexity": ppl}))
+    (run / "metrics" / "eval.json").write_text(json.dumps({"stamp": run_dir.stamp(cfg, "eval", "test"),
+                                                           "generation": gen, "perplexity": ppl}))
     (run / "metrics" / "log_history.json").write_text(json.dumps(
         [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, }, {"step": 2, "eval_loss": val_loss}]))
     return run
@@ -55,6 +56,18 @@ def test_missing_pieces_name_the_stage(tmp_path):
         compare.load_run(a)
     with pytest.raises(RunError, match="at least two"):
         compare.compare_runs([str(a)])
+    with pytest.raises(RunError, match="does not exist"):
+        compare.load_run(tmp_path / "no_such_run")
+
+
+def test_metrics_of_another_config_than_config_json_are_refused(tmp_path):
+    """04 rerun by hand with another eval_size must not be shown next to the eval_size config.json records."""
+    a = make_run(tmp_path, "r8", 8, 0.2, 1.9)
+    other = load_config(experiment="r8", lora_r=8, eval_size=3)
+    payload = json.loads((a / "metrics" / "eval.json").read_text())
+    (a / "metrics" / "eval.json").write_text(json.dumps({**payload, "stamp": run_dir.stamp(other, "eval", "test")}))
+    with pytest.raises(RunError, match=r"eval.json was made by another eval config \(eval_size: 3 -> 20\)"):
+        compare.load_run(a)
 
 
 @pytest.mark.slow

@@ -121,8 +121,39 @@ def test_fingerprints_track_the_right_fields():
     assert lr.fingerprint("data") == base.fingerprint("data")
     assert lr.fingerprint("train") != base.fingerprint("train")
     ev = base.replace(eval_size=40)
-    assert ev.fingerprint("train") == base.fingerprint("train") and ev.fingerprint("all") != base.fingerprint("all")
+    assert ev.fingerprint("train") == base.fingerprint("train") and ev.fingerprint("eval") != base.fingerprint("eval")
     assert base.replace(sample_size=10).fingerprint("data") != base.fingerprint("data")
+    assert base.differences(lr, "train") == {"learning_rate": (1e-3, 2e-4)}
+    assert base.differences(lr, "data") == {}
+
+
+def test_every_field_has_exactly_one_scope_and_fingerprints_derive_from_it():
+    """A new field cannot be left out of the fingerprints: its scope is part of its declaration."""
+    from hb_utils.config import FINGERPRINT_SCOPES, SCOPES, fields_in
+
+    for name, f in FIELDS.items():
+        assert f.metadata.get("scope") in SCOPES, name
+    assert sorted(sum((list(fields_in(s)) for s in SCOPES), [])) == sorted(FIELDS)  # each field in exactly one
+    base = ExperimentConfig()
+    for name, f in FIELDS.items():
+        scope = f.metadata["scope"]
+        value = getattr(base, name)
+        changed = {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: v / 2, str: lambda v: v + "x",
+                   list: lambda v: [*v, "x"]}[type(value)](value)
+        if name in ("train_frac", "val_frac", "test_frac"):
+            other = base.replace(train_frac=0.7, val_frac=0.2) if name != "test_frac" else base.replace(
+                train_frac=0.7, test_frac=0.2)
+        elif name in ("split_by", "compute_dtype", "bnb_4bit_quant_type", "attn_implementation", "report_to",
+                      "resume", "experiment"):
+            choices = f.metadata.get("choices", ("other",))
+            other = base.replace(**{name: next(c for c in choices if c != value)})
+        elif name in ("eval_size", "ppl_size"):
+            other = base.replace(**{name: 3})
+        else:
+            other = base.replace(**{name: changed})
+        moved = {s for s in FINGERPRINT_SCOPES if other.fingerprint(s) != base.fingerprint(s)}
+        expected = {"data": {"data", "train", "eval"}, "train": {"train", "eval"}, "eval": {"eval"}, "run": set()}
+        assert moved == expected[scope], name
 
 
 def test_namespace_from_a_notebook_catches_unknown_names():
@@ -130,6 +161,29 @@ def test_namespace_from_a_notebook_catches_unknown_names():
     assert config_from_namespace(ns).lora_r == 4
     with pytest.raises(ConfigError, match="Did you mean 'lora_alpha'"):
         config_from_namespace({**ns, "lora_alpah": 32})
+
+
+def test_notebook_variables_are_not_parameters_but_injected_typos_are():
+    """In a kernel, only the names the parameters cells assigned are candidates (IPython's `In`), so a
+    second Run All (globals hold `rows`, `keys` ...) works while papermill's `-p lora_rr 8` still fails."""
+    ours = parameters_cell_source()
+    ns: dict = {}
+    exec(ours, {}, ns)
+    ns.update(rows=[1, 2], keys=["a"], In=["", "import x", ours, "cfg = config_from_namespace(globals())"])
+    assert config_from_namespace(ns) == ExperimentConfig()  # rows/keys ignored
+    injected = "# Parameters\nlora_r = 4\nlora_rr = 8\n"
+    ns_pm = {**ns, "lora_r": 4, "lora_rr": 8, "In": ["", ours, injected, "cfg = ..."]}
+    with pytest.raises(ConfigError, match="Unknown parameter 'lora_rr'.*Did you mean 'lora_r'"):
+        config_from_namespace(ns_pm)
+    ok = {**ns, "lora_r": 4, "In": ["", ours, "# Parameters\nlora_r = 4\n", "cfg = ..."]}
+    assert config_from_namespace(ok).lora_r == 4
+    # Run All twice: the history holds both runs; the newest parameters cell decides.
+    again = {**ok, "In": ok["In"] + ["rows = 1", ours, "cfg = ..."], "lora_r": 8}
+    assert config_from_namespace(again).lora_r == 8
+    # A typo typed into the parameters cell itself is caught too.
+    typo = {**ns, "lora_alpah": 3, "In": ["", ours + "\nlora_alpah = 3", "cfg = ..."]}
+    with pytest.raises(ConfigError, match="Did you mean 'lora_alpha'"):
+        config_from_namespace(typo)
 
 
 def test_parameters_cell_round_trips():

@@ -6,7 +6,7 @@ import pytest
 from hb_utils import data, eda
 from hb_utils.config import load_config
 from hb_utils.errors import DataError, RunError
-from hb_utils.paths import RunPaths
+from hb_utils.run_dir import RunPaths
 
 
 def cfg_for(source, tmp_path, **kw):
@@ -75,7 +75,8 @@ def test_written_files_carry_the_fingerprint_and_are_reused(release, tmp_path):
     prepared = data.prepare_splits(cfg)
     run = RunPaths.for_config(cfg)
     stats = json.loads(run.data_stats.read_text())
-    assert stats["data_fingerprint"] == cfg.fingerprint("data")
+    assert stats["stamp"]["fingerprints"] == {"data": cfg.fingerprint("data")}
+    assert stats["stamp"]["params"]["sample_size"] == cfg.sample_size and stats["stamp"]["created"].endswith("+00:00")
     lines = run.split("train").read_text().splitlines()
     assert len(lines) == stats["split"]["sizes"]["train"] == len(prepared.records["train"])
     assert data.splits_are_current(cfg)
@@ -89,7 +90,7 @@ def test_a_different_data_config_never_overwrites_silently(release, tmp_path):
     data.prepare_splits(cfg)
     before = RunPaths.for_config(cfg).split("train").read_text()
     other = cfg.replace(sample_seed=7)
-    with pytest.raises(RunError, match="another data config.*new `experiment` name"):
+    with pytest.raises(RunError, match=r"another data config \(sample_seed: 42 -> 7\).*new `experiment` name"):
         data.prepare_splits(other)
     assert RunPaths.for_config(cfg).split("train").read_text() == before
     data.prepare_splits(other.replace(overwrite=True))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -9,13 +10,16 @@ import shutil
 import subprocess
 import sys
 
+import jupytext
+import jupytext.config
 import nbformat
 import papermill as pm
 import pytest
 
-from hb_utils.config import FIELDS, ExperimentConfig, load_config
-from hb_utils.paths import RunPaths
-from tests.conftest import ROOT
+from hb_utils.config import FIELDS, ExperimentConfig, load_config, parameters_cell_source
+from hb_utils.report import to_html
+from hb_utils.run_dir import RunPaths
+from tests.conftest import ROOT, write_release
 
 EXPECTED = ["01_eda", "02_format_split", "03_train_qlora", "04_evaluate", "05_qualitative"]
 ALL_NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -30,7 +34,7 @@ def test_the_series_is_there():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_parameters_cell_matches_the_config(path):
     params = pm.inspect_notebook(str(path))
-    assert set(params) == set(FIELDS), "run `python scripts/nbtools.py sync`"
+    assert set(params) == set(FIELDS), "run `python scripts/nbtools.py params`"
     defaults = ExperimentConfig()
     for name, info in params.items():
         assert eval(info["default"]) == getattr(defaults, name), name  # noqa: S307 - our own literal
@@ -38,7 +42,22 @@ def test_parameters_cell_matches_the_config(path):
     nb = nbformat.read(path, as_version=4)
     tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1
-    assert "config_from_namespace(globals())" in nb.cells[tagged[0] + 1].source
+    assert nb.cells[tagged[0]].source == parameters_cell_source(), "run `python scripts/nbtools.py params`"
+    after = nb.cells[tagged[0] + 1]
+    assert "begin(globals())" in after.source and after.metadata.get("tags") == ["hide-input"]
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")  # opens on its title
+
+
+@pytest.mark.parametrize("path", ALL_NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_notebook_is_a_synced_jupytext_pair(path):
+    """notebooks/NN_name.py (reviewed, linted) and NN_name.ipynb (opened, executed) hold the same cells."""
+    script = path.with_suffix(".py")
+    assert script.is_file(), f"{script.name} is missing: run `jupytext --sync {path}`"
+    cells = [[(c.cell_type, c.source.strip(), c.metadata.get("tags", [])) for c in jupytext.read(p).cells]
+             for p in (path, script)]
+    assert cells[0] == cells[1], f"{path.name} and {script.name} differ: run `jupytext --sync notebooks/*.py`"
+    config = jupytext.config.load_jupytext_configuration_file(str(ROOT / "jupytext.toml"))
+    assert "py:percent" in str(config.formats) and "ipynb" in str(config.formats)
 
 
 @pytest.mark.parametrize("path", ALL_NOTEBOOKS, ids=lambda p: p.stem)
@@ -46,20 +65,45 @@ def test_committed_notebooks_carry_no_outputs(path):
     nb = nbformat.read(path, as_version=4)
     for cell in nb.cells:
         if cell.cell_type == "code":
-            assert not cell.outputs and cell.execution_count is None, f"{path.name}: run `python scripts/nbtools.py strip`"
+            assert not cell.outputs and cell.execution_count is None, f"{path.name}: run `nbstripout {path}`"
 
 
-def test_notebooks_are_what_their_authoring_scripts_write(tmp_path):
-    """Notebooks are authored by scripts/make_nb_*.py; a hand edit of a notebook would be lost on the next run."""
-    shutil.copytree(ROOT / "scripts", tmp_path / "scripts")
-    (tmp_path / "notebooks").mkdir()
-    for script in sorted((tmp_path / "scripts").glob("make_nb_*.py")):
-        subprocess.run([sys.executable, str(script)], cwd=tmp_path, check=True, capture_output=True)
-    for path in ALL_NOTEBOOKS:
-        fresh = nbformat.read(tmp_path / "notebooks" / path.name, as_version=4)
-        committed = nbformat.read(path, as_version=4)
-        assert [(c.cell_type, c.source) for c in fresh.cells] == [(c.cell_type, c.source) for c in committed.cells], (
-            f"{path.name} differs from what its scripts/make_nb_*.py writes: edit the script and rerun it")
+def _assigned(tree: ast.AST) -> set[str]:
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return names
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_code_never_reuses_a_parameter_name(path):
+    """A notebook variable named like a parameter would be read back as that parameter on a rerun."""
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "parameters" not in cell.metadata.get("tags", []):
+            clash = _assigned(ast.parse(cell.source)) & set(FIELDS)
+            assert not clash, f"{path.name}: cell assigns parameter name(s) {clash}"
+
+
+def test_html_report_leaves_out_parameters_cells_and_hidden_inputs(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    cells = [("markdown", "# Title", []), ("code", "SECRET_PARAMS = 1", ["parameters"]),
+             ("code", "INJECTED = 2", ["injected-parameters"]), ("code", "HIDDEN_SETUP = 3", ["hide-cell"]),
+             ("code", "HIDDEN_INPUT = 4", ["hide-input"]), ("code", "VISIBLE = 5", [])]
+    for kind, src, tags in cells:
+        cell = nbformat.v4.new_markdown_cell(src) if kind == "markdown" else nbformat.v4.new_code_cell(src)
+        cell.metadata["tags"] = tags
+        nb.cells.append(cell)
+    nb.cells[4].outputs = [nbformat.v4.new_output("stream", name="stdout", text="the header table")]
+    nbformat.write(nb, tmp_path / "r.ipynb")
+    html = to_html(tmp_path / "r.ipynb").read_text()
+    for hidden in ("SECRET_PARAMS", "INJECTED", "HIDDEN_SETUP", "HIDDEN_INPUT"):
+        assert hidden not in html
+    assert "VISIBLE" in html and "the header table" in html and "hb-toggle" in html
+    assert html.index("Title") < html.index("the header table")
 
 
 def run_notebook(name: str, out_dir, cwd, params: dict, params_file=ROOT / "params" / "smoke.yaml"):
@@ -93,7 +137,7 @@ def test_01_and_02_run_headless_from_root_and_notebooks_dir(medquad, tmp_path):
     cfg = load_config(ROOT / "params" / "smoke.yaml", **common)
     run = RunPaths.for_config(cfg)
     stats = json.loads(run.data_stats.read_text())
-    assert stats["data_fingerprint"] == cfg.fingerprint("data")
+    assert stats["stamp"]["fingerprints"]["data"] == cfg.fingerprint("data")
     assert stats["raw"]["rows"] == 47_441
     sizes = stats["split"]["sizes"]
     assert sum(sizes.values()) == cfg.sample_size and sizes["train"] >= 0.7 * cfg.sample_size
@@ -123,26 +167,77 @@ def stream_text(path) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.integration
-def test_03_trains_from_notebooks_dir_and_a_rerun_from_root_reuses_the_adapter(medquad, tmp_path):
-    """The issue's command, `papermill notebooks/03_train_qlora.ipynb OUT -f params/smoke.yaml -p lora_r 8`,
-    from notebooks/ (no 02 run before: 03 builds the split) and again from the repo root."""
-    common = {"output_root": str(tmp_path / "outputs"), "dataset": str(medquad), "lora_r": 8}
-    proc, first = run_notebook("03_train_qlora", tmp_path / "a", ROOT / "notebooks", common)
+def test_03_from_notebooks_dir_with_the_issue_command_reuses_the_smoke_adapter(smoke_series, tmp_path):
+    """`papermill notebooks/03_train_qlora.ipynb OUT -f params/smoke.yaml -p lora_r 8`, run from notebooks/
+    on the finished smoke series (lora_r 8 is its value): the adapter is reused, not retrained, and the
+    adapter reloaded from disk answers two validation questions."""
+    before = json.loads((smoke_series.run.metrics / "train.json").read_text())
+    proc, out = run_notebook("03_train_qlora", tmp_path, ROOT / "notebooks", {**smoke_series.params, "lora_r": 8})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert not error_outputs(first)
-    cfg = load_config(ROOT / "params" / "smoke.yaml", **common)
-    run = RunPaths.for_config(cfg)
-    metrics = json.loads((run.metrics / "train.json").read_text())
-    assert metrics["global_step"] == cfg.max_steps and metrics["parameters"]["trainable"] > 0
-    assert json.loads((run.adapter / "adapter_config.json").read_text())["r"] == 8
-    text = stream_text(first)
-    assert "⟦" in text  # the supervised part of the example is marked
+    assert not error_outputs(out)
+    text = stream_text(out)
+    assert "already holds this config's adapter" in text
+    assert json.loads((smoke_series.run.metrics / "train.json").read_text()) == before  # reused, not retrained
     answers = re.findall(r"\nA: (.*?)\n\((\d+) tokens, stopped: (?:True|False)\)", text, flags=re.S)
-    assert len(answers) == 2 and all(a.strip() and int(n) > 0 for a, n in answers)  # the reloaded adapter answered
+    assert len(answers) == 2 and all(a.strip() and int(n) > 0 for a, n in answers)
 
-    proc, second = run_notebook("03_train_qlora", tmp_path / "b", ROOT, common)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert not error_outputs(second)
-    assert "already holds this config's adapter" in stream_text(second)
-    assert json.loads((run.metrics / "train.json").read_text()) == metrics  # reused, not retrained
+
+# --------------------------------------------------------------------------- interactive reruns (nbclient)
+def set_parameters(source: str, values: dict) -> str:
+    """The parameters cell as a user edits it in Jupyter: each given name's default replaced by a value."""
+    lines = source.splitlines()
+    for name, value in values.items():
+        idx = next(i for i, line in enumerate(lines) if line.startswith(f"{name}:"))
+        head, _, help_ = lines[idx].partition("  # ")
+        lines[idx] = f"{head.split('=')[0].rstrip()} = {value!r}  # {help_}"
+    return "\n".join(lines)
+
+
+def execute_interactively(name: str, values: dict, edit: dict, workdir) -> list:
+    """In ONE kernel, as a Jupyter user: Run All, Run All again, then edit the parameters cell and run from it
+    to the end. Returns the notebook after each of the three passes (their code cells' outputs)."""
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    pidx = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    nb.cells[pidx].source = set_parameters(nb.cells[pidx].source, values)
+    client = NotebookClient(nb, kernel_name="python3", timeout=1200,
+                            resources={"metadata": {"path": str(ROOT / "notebooks")}})
+    passes = []
+    with client.setup_kernel():
+        for _ in range(2):
+            for i, cell in enumerate(nb.cells):
+                client.execute_cell(cell, i)  # raises CellExecutionError on any error
+            passes.append(nbformat.from_dict(json.loads(json.dumps(nb))))
+        nb.cells[pidx].source = set_parameters(nb.cells[pidx].source, {**values, **edit})
+        for i in range(pidx, len(nb.cells)):
+            client.execute_cell(nb.cells[i], i)
+        passes.append(nb)
+    return passes
+
+
+@pytest.mark.slow
+def test_01_and_02_run_all_twice_then_rerun_from_an_edited_parameters_cell(tmp_path, monkeypatch):
+    monkeypatch.setenv("HB_HEADLESS", "1")
+    release = write_release(tmp_path / "release", n_docs=30)
+    values = {"output_root": str(tmp_path / "out"), "dataset": str(release), "experiment": "live",
+              "sample_size": 60, "max_answer_words": 120}
+    for name in ("01_eda", "02_format_split"):
+        execute_interactively(name, values, {"sample_size": 40, "overwrite": True}, tmp_path)
+    stats = json.loads((tmp_path / "out" / "live" / "data" / "stats.json").read_text())
+    assert stats["sample"]["requested"] == 40  # the edited value took effect in the same kernel
+
+
+@pytest.mark.slow
+def test_03_and_05_run_all_twice_then_rerun_from_an_edited_parameters_cell(smoke_series, tmp_path, monkeypatch):
+    """The notebooks whose own variables (`keys` in 03, `rows` in 05) used to be read back as parameters."""
+    monkeypatch.setenv("HB_HEADLESS", "1")
+    shutil.copytree(smoke_series.root / "outputs", tmp_path / "outputs")  # leave the shared run untouched
+    cfg = smoke_series.cfg.replace(output_root=str(tmp_path / "outputs"))
+    values = {k: getattr(cfg, k) for k in FIELDS if getattr(cfg, k) != getattr(ExperimentConfig(), k)}
+    passes = execute_interactively("03_train_qlora", values, {"eval_max_new_tokens": 4}, tmp_path)
+    assert "already holds this config's adapter" in "".join(
+        o.get("text", "") for c in passes[-1].cells if c.cell_type == "code" for o in c.outputs)
+    passes = execute_interactively("05_qualitative", values, {"qual_max_new_tokens": 6}, tmp_path)
+    rows = [json.loads(line) for line in (RunPaths.for_config(cfg).metrics / "qualitative.jsonl").open()]
+    assert max(r["finetuned_tokens"] for r in rows) <= 6  # the edited parameter was used

