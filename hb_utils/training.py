@@ -41,6 +41,7 @@ from hb_utils.config import ExperimentConfig
 from hb_utils.errors import ConfigError, DataError, RunError
 from hb_utils.progress import is_headless
 from hb_utils.sft_trainer import SupervisedLogitsSFTTrainer
+from hb_utils.tokenizer import load_tokenizer
 
 CHECKPOINT_META = "hb_meta.json"  # in RunPaths.checkpoints: which train fingerprint made the checkpoints
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -362,7 +363,7 @@ def prepare(cfg: ExperimentConfig, *, callbacks: Sequence[TrainerCallback] = ())
 
     callbacks = [NanGuardCallback(), *callbacks]
     with _quiet_bars(args.disable_tqdm):
-        tokenizer = modeling.load_tokenizer(cfg.model_name)
+        tokenizer = load_tokenizer(cfg.model_name)
         trainer = build_trainer(cfg, args, tokenizer, train_ds, eval_ds, callbacks=callbacks)
     if args.disable_tqdm:  # headless: one compact line per log instead of raw dicts
         trainer.remove_callback(PrinterCallback)

