@@ -106,6 +106,23 @@ def test_the_problem_llama_adds_bos_to_text_but_chat_tokenization_does_not():
     assert raw.bos_token_id not in T.encode_chat(raw, CONVS[0])  # what TRL's chat tokenization does by itself
 
 
+def test_adds_bos_reads_what_the_tokenizer_does_not_its_flag():
+    """A tokenizer.json post-processor that adds <s> leaves transformers 5's ``add_bos_token`` False."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace()
+    bpe.train_from_iterator(["a fever"] * 3, trainers.BpeTrainer(vocab_size=40, special_tokens=["<unk>", "<s>", "</s>"]))
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+    assert tok.add_bos_token is False and tok("a")["input_ids"][0] == tok.bos_token_id
+    assert T.adds_bos(tok)
+    bpe.post_processor = None
+    assert not T.adds_bos(PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>"))
+    assert not T.adds_bos(PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>"))  # no bos at all
+
+
 @pytest.mark.parametrize("legacy, prefix", [(False, "{{ bos_token + ' ' }}"), (True, "{{ bos_token }}")],
                          ids=["prepend-first", "prepend-always"])
 def test_bos_policy_gives_one_bos_and_the_ids_of_plain_tokenization(legacy, prefix):
