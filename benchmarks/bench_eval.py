@@ -36,11 +36,12 @@ import torch
 from hb_utils import data, device, model_source, modeling, perplexity
 from hb_utils.config import load_config
 from hb_utils.generation import GenResult, build_prompt, generate_answers
+from hb_utils.tokenizer import load_tokenizer, stop_token_ids
 
 
 def one_at_a_time(model, tokenizer, questions, system_prompt, max_new_tokens) -> list[GenResult]:
     """The original notebook's loop (with its prompt/decoding faults fixed so the texts are comparable)."""
-    stops = modeling.stop_token_ids(tokenizer)
+    stops = stop_token_ids(tokenizer)
     out = []
     for q in questions:
         enc = tokenizer(build_prompt(tokenizer, q, system_prompt), return_tensors="pt", add_special_tokens=False)
@@ -90,7 +91,7 @@ def timed(fn, repeats: int):
 def bench_generation(cfg, chosen, repeats: int) -> None:
     questions = [r["question"] for r in chosen]
     model = modeling.load_base_model(cfg)
-    tokenizer = modeling.load_tokenizer(cfg.model_name)
+    tokenizer = load_tokenizer(cfg.model_name)
     print(f"generation: {cfg.model_name} (4-bit={cfg.load_in_4bit}, "
           f"dtype={device.resolve_compute_dtype(cfg.compute_dtype)}), {len(questions)} questions, greedy, "
           f"max_new_tokens={cfg.eval_max_new_tokens}, batch_size={cfg.gen_batch_size}")
@@ -110,7 +111,7 @@ def bench_generation(cfg, chosen, repeats: int) -> None:
 
 def bench_perplexity(cfg, chosen, repeats: int) -> None:
     convs = [r["messages"] for r in chosen]
-    tokenizer = modeling.load_tokenizer(cfg.model_name)
+    tokenizer = load_tokenizer(cfg.model_name)
     original, project = load_as_original(cfg), modeling.load_base_model(cfg)
     n_tokens = sum(len(perplexity.tokenize_for_perplexity(tokenizer, c)[0]) for c in convs)
     print(f"perplexity: {cfg.model_name} (4-bit={cfg.load_in_4bit}, "

@@ -170,13 +170,16 @@ def run_original(cfg, train: list[dict], workdir: Path, clock, dtype):
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
     from hb_utils import modeling
+    from hb_utils.tokenizer import load_tokenizer
 
     cfg = cfg.replace(attn_implementation="sdpa")  # transformers' default attention, as the original had
-    tokenizer = modeling.load_tokenizer(cfg.model_name)
+    tokenizer = load_tokenizer(cfg.model_name)
     tokenizer.pad_token = tokenizer.eos_token  # as the original: pad = eos (end-of-turn)
     texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in train]
     dataset = Dataset.from_dict({"text": texts}).map(
-        lambda ex: tokenizer(ex["text"], truncation=True, max_length=cfg.max_length), remove_columns=["text"])
+        # the rendered text already holds the BOS where the tokenizer uses one (hb_utils.tokenizer): no second one
+        lambda ex: tokenizer(ex["text"], truncation=True, max_length=cfg.max_length, add_special_tokens=False),
+        remove_columns=["text"])
     model = modeling.load_base_model(cfg, for_training=True)
     model = get_peft_model(model, modeling.lora_config(cfg))
     model.enable_input_require_grads()  # needed with gradient checkpointing on a frozen, quantized base
@@ -199,10 +202,11 @@ def run_project(cfg, train: list[dict], workdir: Path, clock, name: str):
     """hb_utils.trl_setup.build_trainer (what training.prepare trains), without the run directory."""
     from trl import SFTTrainer
 
-    from hb_utils import modeling, trl_setup
+    from hb_utils import trl_setup
     from hb_utils.sft_trainer import SupervisedLogitsSFTTrainer
+    from hb_utils.tokenizer import load_tokenizer
 
-    tokenizer = modeling.load_tokenizer(cfg.model_name)
+    tokenizer = load_tokenizer(cfg.model_name)
     args = trl_setup.build_sft_config(cfg, output_dir=workdir / name, has_eval=False)
     args.disable_tqdm = True
     trainer_class = SFTTrainer if name.endswith("trl_loss") else SupervisedLogitsSFTTrainer

@@ -3,7 +3,9 @@
 Why: the original notebook generated one question at a time, decoded the prompt together with the
 answer and split the text on a marker; it also padded with eos, so the model never learned to stop
 and answers ran to the token limit. Here every prompt is rendered with the tokenizer's own chat
-template (``add_generation_prompt=True``), prompts are batched with LEFT padding (a decoder-only
+template (``add_generation_prompt=True``) and tokenized exactly as training tokenizes it
+(:func:`hb_utils.tokenizer.encode_chat`: one BOS where the tokenizer uses one, never two), prompts
+are batched with LEFT padding (a decoder-only
 model continues from the last position, so padding must not sit between prompt and answer), only
 the new tokens are decoded, and generation stops at the template's end-of-turn token.
 
@@ -34,8 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hb_utils.modeling import stop_token_ids
 from hb_utils.progress import pbar
+from hb_utils.tokenizer import encode_chat, stop_token_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -50,14 +52,38 @@ class GenResult:
     stopped: bool  # True when the model ended its turn (end-of-turn/eos) before max_new_tokens
 
 
-def build_prompt(tokenizer: PreTrainedTokenizerBase, question: str, system_prompt: str) -> str:
-    """The chat-template prompt for ``question`` (with the assistant generation prompt appended).
-
-    An empty ``system_prompt`` leaves the system turn out (the template may then add its default).
-    """
+def prompt_messages(question: str, system_prompt: str) -> list[dict[str, str]]:
+    """The chat messages of one question: the system turn (left out when ``system_prompt`` is empty,
+    so the template may add its default) and the user turn."""
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages.append({"role": "user", "content": question})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return messages
+
+
+def build_prompt(tokenizer: PreTrainedTokenizerBase, question: str, system_prompt: str) -> str:
+    """The chat-template prompt text for ``question`` (with the assistant generation prompt appended),
+    for display. Tokenize prompts with :func:`prompt_ids`, not by calling the tokenizer on this text
+    (which may add a second BOS)."""
+    return tokenizer.apply_chat_template(prompt_messages(question, system_prompt), tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, question: str, system_prompt: str) -> list[int]:
+    """Token ids of the prompt for ``question``: exactly the prompt tokens training saw before an
+    answer (:func:`hb_utils.tokenizer.encode_chat`, BOS per the tokenizer policy)."""
+    return encode_chat(tokenizer, prompt_messages(question, system_prompt), add_generation_prompt=True)
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` of ``rows`` padded on the LEFT to the longest row."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = 1
+    return ids, mask
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -93,9 +119,9 @@ def generate_answers(
 
     Greedy by default. With ``do_sample=True``, ``temperature`` / ``top_p`` apply, and a ``seed``
     makes reruns give the same text (the RNG is reseeded before every batch, so a batch's output
-    does not depend on what ran before). ``repetition_penalty`` applies to both modes. The
-    tokenizer's ``padding_side`` is restored afterwards (training needs right padding), and so is
-    the model's train/eval mode.
+    does not depend on what ran before). ``repetition_penalty`` applies to both modes. Prompts are
+    left-padded here (:func:`left_pad`), so the tokenizer's ``padding_side`` (right, for training)
+    is never touched; the model's train/eval mode is restored afterwards.
     """
     from transformers import set_seed
 
@@ -118,21 +144,19 @@ def generate_answers(
     if repetition_penalty is not None:
         gen_kwargs["repetition_penalty"] = repetition_penalty
 
-    prompts = [build_prompt(tokenizer, q, system_prompt) for q in questions]
-    # The template already holds every special token (e.g. <|im_start|>), hence no extra bos.
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # longest first: memory errors show early
+    prompts = [prompt_ids(tokenizer, q, system_prompt) for q in questions]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: memory errors show early
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     device = _model_device(model)
     results: list[GenResult | None] = [None] * len(prompts)
     stop_set = set(stops)
-    old_side, was_training = tokenizer.padding_side, model.training
-    tokenizer.padding_side = "left"
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    was_training = model.training
     model.eval()
     try:
         for batch in pbar(batches, total=len(batches), desc="generate", enabled=progress):
-            enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(device)
+            input_ids, attention_mask = left_pad([prompts[i] for i in batch], pad_id)
+            enc = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
             if seed is not None:
                 set_seed(seed)
             with torch.inference_mode():
@@ -143,6 +167,5 @@ def generate_answers(
                 text = tokenizer.decode(answer, skip_special_tokens=True).strip()
                 results[i] = GenResult(text=text, n_new_tokens=n_new, stopped=stopped)
     finally:
-        tokenizer.padding_side = old_side
         model.train(was_training)
     return [r for r in results if r is not None]

@@ -2,11 +2,8 @@
 
 Why this module exists:
 
-* **Tokenizer pitfalls of the original notebook.** It set ``pad_token = eos_token``, so the
-  collator masked every end-of-turn token in the labels and the model never learned to stop.
-  :func:`load_tokenizer` guarantees a chat template (Zephyr fallback, with a warning), makes
-  ``eos_token`` the template's end-of-turn token (``<|im_end|>`` for SmolLM2's ChatML, ``</s>``
-  for TinyLlama's Zephyr) and picks a pad token different from it.
+* **Tokenizers** are configured in :mod:`hb_utils.tokenizer` (chat template, BOS, eos = end-of-turn,
+  pad != eos: the original notebook's pitfalls).
 * **One 4-bit path**: bitsandbytes >= 0.49 runs NF4 on CPU too, so CPU and GPU share the QLoRA code
   path (the dtype policy is :func:`hb_utils.device.resolve_compute_dtype`). On CPU every 4-bit layer
   stays on bitsandbytes' dequantize + matmul path (:func:`use_dequantize_matmul_path`: exact,
@@ -25,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +32,7 @@ from hb_utils.config import ExperimentConfig
 from hb_utils.device import default_device, resolve_compute_dtype
 from hb_utils.errors import ModelError, RunError
 from hb_utils.model_source import SMOLLM2_ALIAS, looks_like_path, resolve_model_path
+from hb_utils.tokenizer import load_tokenizer, stop_token_ids
 
 if TYPE_CHECKING:  # heavy imports stay lazy: importing hb_utils must not pull in transformers/peft
     from peft import LoraConfig, PeftModel
@@ -45,99 +42,8 @@ log = logging.getLogger(__name__)
 
 ADAPTER_META = "hb_meta.json"
 
-# Used only when a tokenizer ships without a chat template (the layout TinyLlama-Chat uses).
-# Rendering a conversation's prompt with add_generation_prompt=True gives a prefix of the full
-# conversation, which TRL's prompt/completion training relies on.
-ZEPHYR_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
-# Preferred pad tokens, in order, when the tokenizer has none or pads with eos.
-_PAD_CANDIDATES = ("<pad>", "<|pad|>", "<|finetune_right_pad_id|>", "<|endoftext|>")
 
 
-# --------------------------------------------------------------------------- tokenizer
-
-def end_of_turn_token(tokenizer: PreTrainedTokenizerBase) -> str:
-    """The special token the chat template puts right after an assistant message.
-
-    Found by rendering a one-turn conversation with a sentinel answer and reading the first added /
-    special token after it (``<|im_end|>`` for ChatML, ``</s>`` for Zephyr). Falls back to eos.
-    """
-    sentinel = "HBSENTINEL7431"
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}]
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-    except Exception:  # a template that insists on a system turn, alternation rules, ...
-        text = ""
-    rest = text.split(sentinel, 1)[1].lstrip() if sentinel in text else ""
-    specials = set(tokenizer.get_added_vocab()) | set(tokenizer.all_special_tokens)
-    matches = [tok for tok in specials if tok and rest.startswith(tok)]
-    if matches:
-        return max(matches, key=len)
-    if tokenizer.eos_token is None:
-        raise ModelError("The tokenizer has neither an end-of-turn token in its chat template nor an eos token; "
-                         "use a chat model (e.g. TinyLlama/TinyLlama-1.1B-Chat-v1.0 or smollm2-135m-instruct).")
-    return tokenizer.eos_token
-
-
-def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Token ids that end a generated answer: the template's end-of-turn token and eos."""
-    ids = [tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer)), tokenizer.eos_token_id]
-    return list(dict.fromkeys(i for i in ids if i is not None))
-
-
-def _pick_pad_token(tokenizer: PreTrainedTokenizerBase) -> str | None:
-    """A pad token that is neither eos nor bos (so no real token gets masked), from the vocabulary."""
-    taken = {tokenizer.eos_token, tokenizer.bos_token}
-    vocab = tokenizer.get_vocab()
-    for cand in (tokenizer.pad_token, tokenizer.unk_token, *_PAD_CANDIDATES):
-        if cand and cand not in taken and cand in vocab:
-            return cand
-    return None
-
-
-def _configure_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """Chat template, eos = end-of-turn, pad != eos, right padding (for training)."""
-    if not tokenizer.chat_template:
-        if tokenizer.eos_token is None:
-            raise ModelError("The tokenizer has no chat template and no eos token, so no chat layout can be set. "
-                             "Use a chat model (e.g. TinyLlama/TinyLlama-1.1B-Chat-v1.0 or smollm2-135m-instruct).")
-        warnings.warn(f"Tokenizer {tokenizer.name_or_path!r} has no chat template; using the Zephyr layout "
-                      "(<|system|>/<|user|>/<|assistant|> turns ending with eos). Prefer a chat model that ships "
-                      "its own template.", UserWarning, stacklevel=3)
-        tokenizer.chat_template = ZEPHYR_TEMPLATE
-    eot = end_of_turn_token(tokenizer)
-    if eot != tokenizer.eos_token:
-        # Generation stops at eos and TRL appends eos to completions: both must be the end-of-turn.
-        log.info("Setting eos_token to the chat template's end-of-turn %r (was %r)", eot, tokenizer.eos_token)
-        tokenizer.eos_token = eot
-    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
-        pad = _pick_pad_token(tokenizer)
-        if pad is None:
-            warnings.warn(f"No token other than eos can serve as pad for {tokenizer.name_or_path!r}; padding with "
-                          "eos. Padding is masked by the attention mask, but a collator that masks labels by pad "
-                          "id will also mask end-of-turn.", UserWarning, stacklevel=3)
-            pad = tokenizer.eos_token
-        tokenizer.pad_token = pad
-    tokenizer.padding_side = "right"
-    return tokenizer
-
-
-def load_tokenizer(model_name: str) -> PreTrainedTokenizerBase:
-    """The tokenizer of ``model_name`` with a chat template, eos = the template's end-of-turn,
-    a pad token different from eos where the vocabulary allows, and ``padding_side="right"``."""
-    from transformers import AutoTokenizer
-
-    path = resolve_model_path(model_name)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"Cannot load the tokenizer of {model_name!r} ({exc}). Check the name, internet access "
-                         f"for Hub ids, or use the offline alias {SMOLLM2_ALIAS!r}.") from exc
-    return _configure_tokenizer(tokenizer)
 
 
 # --------------------------------------------------------------------------- dtype / quantization / LoRA

@@ -3,7 +3,9 @@
 Why it is computed this way:
 
 * Token-weighted over the whole test set (total NLL / total tokens) on the *answer* tokens only:
-  the prompt, rendered with the chat template exactly as in training, is masked. The original
+  the prompt is masked. Each record is tokenized exactly as TRL tokenizes it for training (prompt
+  and answer together, BOS per the tokenizer policy; :mod:`hb_utils.tokenizer`), so the scored
+  tokens are the supervised ones. The original
   notebook's number is kept for comparison, clearly labelled: it computed the loss of each
   example's *full* text one at a time and averaged those losses over examples
   (ppl = exp(mean_i loss_i)), which weights a 20-token answer like a 300-token one and scores the
@@ -29,25 +31,22 @@ import torch.nn.functional as F
 
 from hb_utils.metrics import bootstrap_ci
 from hb_utils.progress import pbar
+from hb_utils.tokenizer import encode_prompt_completion
 
 KEYS = ("answer_nll", "answer_tokens", "full_nll", "full_tokens")
 
 
 def tokenize_for_perplexity(tokenizer: Any, messages: Sequence[dict[str, str]]) -> tuple[list[int], int]:
-    """Token ids of one chat record rendered with the chat template, and the prompt length.
+    """Token ids of one chat record and the prompt length, exactly as training tokenizes it.
 
     The prompt is everything up to the assistant turn (system + user + generation prompt); the
-    rest (answer and end-of-turn) is what the answer perplexity scores, as in completion-only
-    training."""
+    rest (answer and end-of-turn) is what the answer perplexity scores: the tokens that carry loss
+    in completion-only training. Prompt and answer are tokenized together, the way TRL does
+    (:func:`hb_utils.tokenizer.encode_prompt_completion`), so the scored ids are the trained ids
+    (tokenized alone, a SentencePiece answer would start with an extra ``▁`` token)."""
     if not messages or messages[-1]["role"] != "assistant":
         raise ValueError("perplexity needs chat messages that end with the assistant answer")
-    prompt = tokenizer.apply_chat_template(list(messages[:-1]), tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(list(messages), tokenize=False)
-    if not full.startswith(prompt):
-        raise ValueError("the chat template does not render the prompt as a prefix of the full conversation")
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
-    return list(prompt_ids) + list(answer_ids), len(prompt_ids)
+    return encode_prompt_completion(tokenizer, messages[:-1], messages[-1:])
 
 
 def shared_prefix_length(encoded: Sequence[tuple[list[int], int]]) -> int:

@@ -27,6 +27,7 @@ from hb_utils.callbacks import CompactLogCallback, NanGuardCallback, oom_guard
 from hb_utils.config import ExperimentConfig
 from hb_utils.errors import DataError
 from hb_utils.quiet import no_progress_bars
+from hb_utils.tokenizer import load_tokenizer
 from hb_utils.trl_setup import build_sft_config, build_trainer, mark_supervised, to_prompt_completion
 
 CHECKPOINT_META = "hb_meta.json"  # in RunPaths.checkpoints: the stamp of the config that made them
@@ -132,7 +133,7 @@ def prepare(cfg: ExperimentConfig, *, callbacks: Sequence[TrainerCallback] = ())
 
     callbacks = [NanGuardCallback(), *callbacks]
     with no_progress_bars() if args.disable_tqdm else contextlib.nullcontext():  # headless: no load bars
-        tokenizer = modeling.load_tokenizer(cfg.model_name)
+        tokenizer = load_tokenizer(cfg.model_name)
         trainer = build_trainer(cfg, args, tokenizer, train_ds, eval_ds, callbacks=callbacks)
     if args.disable_tqdm:  # headless: one compact line per log instead of raw dicts
         trainer.remove_callback(PrinterCallback)

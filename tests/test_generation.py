@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from hb_utils import modeling as M
+from hb_utils import tokenizer as T
 from hb_utils.config import ExperimentConfig
 from hb_utils.generation import GenResult, _split_answer, build_prompt, generate_answers
 from tests import test_modeling
@@ -29,7 +30,7 @@ def tiny(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    tok = M.load_tokenizer(str(tiny_model_dir))
+    tok = T.load_tokenizer(str(tiny_model_dir))
     M.align_generation_config(model, tok)
     return model, tok
 
@@ -103,7 +104,7 @@ def test_smollm2_batched_greedy_equals_one_at_a_time(smollm2_dir, tmp_path, load
     cfg = ExperimentConfig(model_name=M.SMOLLM2_ALIAS, output_root=str(tmp_path), compute_dtype="fp32",
                            load_in_4bit=load_in_4bit)
     model = M.load_base_model(cfg)
-    tok = M.load_tokenizer(cfg.model_name)
+    tok = T.load_tokenizer(cfg.model_name)
     questions = ["What is a fever?", "What causes high blood pressure?", "Is it safe to take ibuprofen daily?",
                  "What is 2+2? Answer with just the number."]
     # First the cause, directly: the next-token logits of a left-padded batch equal those of each prompt

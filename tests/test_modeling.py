@@ -1,4 +1,5 @@
-"""hb_utils.modeling: alias + GGUF cache, tokenizer fix-ups, dtype policy, 4-bit, LoRA, adapter checks.
+"""hb_utils.modeling: 4-bit, LoRA, base and adapter loading, adapter checks (tokenizer: test_tokenizer.py;
+model sources: test_model_source.py; dtype policy: test_device.py).
 
 Fast tests use a tiny randomly initialised Llama saved with the real SmolLM2 tokenizer; tests that
 load the real SmolLM2 weights are marked slow. The fixtures here (smollm2_dir, smollm2_tokenizer,
@@ -8,13 +9,13 @@ tiny_model_dir) are shared with tests/test_generation.py.
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 from hb_utils import modeling as M
+from hb_utils import tokenizer as T
 from hb_utils.config import ExperimentConfig
 from hb_utils.errors import ConfigError, ModelError
 from hb_utils.model_source import SMOLLM2_ALIAS, resolve_model_path
@@ -35,7 +36,7 @@ def smollm2_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_dir: Path):
-    return M.load_tokenizer(SMOLLM2_ALIAS)
+    return T.load_tokenizer(SMOLLM2_ALIAS)
 
 
 @pytest.fixture(scope="session")
@@ -61,66 +62,6 @@ def tiny_cfg(model_dir: Path, tmp_path: Path, **changes) -> ExperimentConfig:
     values.update(changes)
     return ExperimentConfig(**values)
 
-
-# --------------------------------------------------------------------------- tokenizer
-
-def test_smollm2_tokenizer_pad_eos_and_template(smollm2_tokenizer):
-    tok = smollm2_tokenizer
-    assert tok.eos_token == "<|im_end|>"  # the ChatML end-of-turn
-    assert tok.pad_token == "<|endoftext|>"
-    assert tok.pad_token_id != tok.eos_token_id
-    assert tok.padding_side == "right"
-    assert M.end_of_turn_token(tok) == "<|im_end|>"
-    assert M.stop_token_ids(tok) == [tok.convert_tokens_to_ids("<|im_end|>")]
-    text = tok.apply_chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
-                                    {"role": "assistant", "content": "A"}], tokenize=False)
-    assert text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n"
-    assert tok.model_max_length == 8192
-
-
-def test_zephyr_fallback_and_pad_fix_on_template_less_tokenizer(smollm2_dir, tmp_path):
-    from transformers import AutoTokenizer
-
-    raw = AutoTokenizer.from_pretrained(smollm2_dir)
-    raw.chat_template = None
-    raw.pad_token = raw.eos_token  # what the original notebook did
-    raw.save_pretrained(tmp_path / "tok")
-    with pytest.warns(UserWarning, match="no chat template; using the Zephyr layout"):
-        tok = M.load_tokenizer(str(tmp_path / "tok"))
-    eos = tok.eos_token
-    text = tok.apply_chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
-                                    {"role": "assistant", "content": "A"}], tokenize=False)
-    assert text == f"<|system|>\nS{eos}\n<|user|>\nQ{eos}\n<|assistant|>\nA{eos}\n"
-    prompt = tok.apply_chat_template([{"role": "user", "content": "Q"}], tokenize=False, add_generation_prompt=True)
-    assert prompt == f"<|user|>\nQ{eos}\n<|assistant|>\n"
-    assert M.end_of_turn_token(tok) == eos
-    assert tok.pad_token != eos and tok.pad_token == raw.unk_token
-
-
-def test_tokenizer_with_template_gives_no_warning(smollm2_dir):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        M.load_tokenizer(str(smollm2_dir))
-
-
-def test_eos_becomes_the_templates_end_of_turn(smollm2_dir, tmp_path):
-    from transformers import AutoTokenizer
-
-    raw = AutoTokenizer.from_pretrained(smollm2_dir)
-    raw.eos_token = "<|endoftext|>"  # e.g. a base-model eos; the ChatML turn still ends with <|im_end|>
-    raw.pad_token = None
-    raw.save_pretrained(tmp_path / "tok")
-    tok = M.load_tokenizer(str(tmp_path / "tok"))
-    assert tok.eos_token == "<|im_end|>" and tok.pad_token not in (None, "<|im_end|>")
-
-
-def test_unloadable_tokenizer_is_a_model_error(tmp_path):
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelError, match="Cannot load the tokenizer"):
-        M.load_tokenizer(str(tmp_path / "empty"))
-
-
-# --------------------------------------------------------------------------- dtype / quantization / LoRA
 
 def test_attention_kernel_reaches_the_model_and_no_fingerprint(tiny_model_dir, tmp_path):
     for setting in ("sdpa", "eager"):
@@ -153,9 +94,9 @@ def test_quantization_and_lora_config_follow_cfg():
 
 def test_load_base_model_aligns_generation_config(tiny_model_dir, tmp_path):
     model = M.load_base_model(tiny_cfg(tiny_model_dir, tmp_path))
-    tok = M.load_tokenizer(str(tiny_model_dir))
+    tok = T.load_tokenizer(str(tiny_model_dir))
     assert model.dtype == torch.float32 and not model.training
-    assert model.generation_config.eos_token_id == M.stop_token_ids(tok)
+    assert model.generation_config.eos_token_id == T.stop_token_ids(tok)
     assert model.generation_config.pad_token_id == tok.pad_token_id != tok.eos_token_id
     counts = M.parameter_counts(model)
     assert counts["total"] == model.num_parameters() and counts["trainable"] == counts["total"]
@@ -229,7 +170,7 @@ def test_4bit_inference_on_cpu_uses_the_dequantize_path_in_every_dtype(tiny_mode
     m = model("bf16")
     assert not any(getattr(mod.weight.quant_state, "packing_format_for_cpu", False)
                    for mod in m.modules() if isinstance(mod, bnb.nn.Linear4bit))
-    tok = M.load_tokenizer(str(tiny_model_dir))
+    tok = T.load_tokenizer(str(tiny_model_dir))
     convs = [[{"role": "user", "content": "q" * (i + 3)}, {"role": "assistant", "content": "a b c " * (i + 1)}]
              for i in range(4)]
     perplexity.token_nll(m, tok, convs, batch_size=4, progress=False)
@@ -324,7 +265,7 @@ def test_smollm2_4bit_on_cpu(smollm2_dir, tmp_path):
     assert linears[0].weight.quant_state.quant_type == "nf4"
     n_plain = AutoModelForCausalLM.from_pretrained(smollm2_dir).num_parameters()
     assert M.parameter_counts(model)["total"] == n_plain
-    tok = M.load_tokenizer(cfg.model_name)
+    tok = T.load_tokenizer(cfg.model_name)
     x = tok(["What is asthma?", "Hi"], return_tensors="pt", padding=True)
     with torch.no_grad():
         logits = model(**x).logits

@@ -160,3 +160,32 @@ def test_shared_prefix_through_a_peft_model_and_with_the_adapter_disabled(tiny):
     np.testing.assert_allclose(base["full_nll"], P.token_nll(model, tokenizer, CONVS, progress=False)["full_nll"],
                                rtol=1e-5)
     assert not np.allclose(adapted["full_nll"], base["full_nll"])  # the adapter does change the scores
+
+
+# --------------------------------------------------------------------------- the trained tokens (issue 12)
+
+def test_scored_tokens_are_the_tokens_trl_trains_on_sentencepiece(tmp_path):
+    """TinyLlama-style SentencePiece tokenizer (built offline, tests/test_tokenizer.py): the answer tokens
+    perplexity scores are exactly the supervised tokens of TRL's own training batch, and their NLL is the
+    loss the trainer's model computes on that batch."""
+    from hb_utils.tokenizer import configure_tokenizer
+    from tests.test_tokenizer import llama_tokenizer, real_rows, trl_batch
+
+    tok = configure_tokenizer(llama_tokenizer())
+    convs = [_conv("What is asthma?", "Asthma is a chronic disease of the airways."), _conv("Hi", "Hello.")]
+    batch = trl_batch(tok, convs, tmp_path)
+    model = batch["model"].eval()
+    nll = P.token_nll(model, tok, convs, batch_size=2, progress=False)
+    for i, ((ids, labels), c) in enumerate(zip(real_rows(batch), convs, strict=True)):
+        scored_ids, n_prompt = P.tokenize_for_perplexity(tok, c)
+        supervised = [t for t, lab in zip(ids, labels, strict=True) if lab != -100]
+        assert scored_ids == ids and scored_ids[n_prompt:] == supervised
+        # the old way (answer text tokenized on its own) gets a word-start "▁" that training never sees
+        prompt = tok.apply_chat_template(c[:-1], tokenize=False, add_generation_prompt=True)
+        alone = tok(tok.apply_chat_template(c, tokenize=False)[len(prompt):], add_special_tokens=False)["input_ids"]
+        assert tok.convert_ids_to_tokens(alone[0]).startswith("▁") and alone != supervised
+        with torch.no_grad():
+            x = torch.tensor([ids])
+            loss = model(input_ids=x, labels=torch.tensor([labels])).loss.item()
+        assert nll["answer_tokens"][i] == len(supervised)
+        assert nll["answer_nll"][i] / len(supervised) == pytest.approx(loss, rel=1e-5)
