@@ -3,7 +3,7 @@
 Why a dataclass and not a dict: papermill passes parameters as loose Python literals, and it only
 *warns* about names a notebook does not know; YAML 1.1 reads ``2e-4`` as a string. Both let a
 typo or a wrong type through silently. :class:`ExperimentConfig` is the single source of defaults
-(= Experiment 1), and :func:`load_config` / :func:`config_from_namespace` fail early with a
+(= Experiment 1), and :func:`load_config` / :func:`hb_utils.notebook.config_from_namespace` fail early with a
 :class:`~hb_utils.errors.ConfigError` that names the parameter and the fix.
 
 Fingerprints (:meth:`ExperimentConfig.fingerprint`) let every artifact record which settings made
@@ -12,13 +12,12 @@ it, so a notebook never mixes artifacts from different configs.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
 import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -178,7 +177,7 @@ class ExperimentConfig:
                 if theirs.get(n) != getattr(self, n)}
 
     def replace(self, **changes: Any) -> ExperimentConfig:
-        _check_names(changes)
+        check_names(changes)
         return dataclasses.replace(self, **changes)
 
 
@@ -190,7 +189,7 @@ def fields_in(*scopes: str) -> tuple[str, ...]:
     return tuple(name for name, f in FIELDS.items() if f.metadata["scope"] in scopes)
 
 
-def _check_names(values: Mapping[str, Any]) -> None:
+def check_names(values: Mapping[str, Any]) -> None:
     for name in values:
         if name not in FIELDS:
             close = difflib.get_close_matches(name, FIELDS, n=1, cutoff=0.6)
@@ -201,7 +200,7 @@ def _check_names(values: Mapping[str, Any]) -> None:
             )
 
 
-def _type_name(f: dataclasses.Field) -> str:
+def type_name(f: dataclasses.Field) -> str:
     return str(f.type).replace("'", "")
 
 
@@ -246,7 +245,7 @@ def _parse_list(name: str, value: Any) -> list[str]:
 
 def _coerce(f: dataclasses.Field, value: Any) -> Any:
     """Check one value against its field's type and bounds; return it in canonical form."""
-    name, meta, typ = f.name, f.metadata, _type_name(f)
+    name, meta, typ = f.name, f.metadata, type_name(f)
     if typ == "list[str]":
         value = _parse_list(name, value)
         if name == "lora_target_modules" and not value:
@@ -300,81 +299,5 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> ExperimentC
     """Build the config from an optional YAML file plus keyword overrides (overrides win)."""
     values = read_params_file(path) if path is not None else {}
     values.update(overrides)
-    _check_names(values)
+    check_names(values)
     return ExperimentConfig(**values)
-
-
-# The first line of a parameters cell: ours (generated, see parameters_cell_source) and papermill's injected one.
-PARAMETERS_HEADER = "# Parameters (papermill: -f params/<name>.yaml, -p name value). Defaults = Experiment 1."
-_INJECTED_HEADER = "# Parameters"
-
-
-def _assigned_names(source: str) -> list[str]:
-    """Top-level names a cell assigns (``name = ...`` or ``name: type = ...``)."""
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
-        return []
-    names = []
-    for node in tree.body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
-        names += [t.id for t in targets if isinstance(t, ast.Name)]
-    return names
-
-
-def parameter_names_from_history(history: Sequence[str]) -> list[str] | None:
-    """Names assigned by the parameters cells that ran last in a kernel (IPython's ``In`` list).
-
-    Walks back from the newest input: papermill's injected cell (first line ``# Parameters``) and our
-    generated parameters cell (first line :data:`PARAMETERS_HEADER`) count; the walk stops at ours.
-    None when no parameters cell ran in this kernel.
-    """
-    found: list[str] = []
-    seen = False
-    for source in reversed(list(history)):
-        first = source.lstrip().split("\n", 1)[0].strip() if source else ""
-        if first == PARAMETERS_HEADER or first == _INJECTED_HEADER:
-            found += _assigned_names(source)
-            seen = True
-            if first == PARAMETERS_HEADER:
-                break
-    return found if seen else None
-
-
-def config_from_namespace(namespace: Mapping[str, Any]) -> ExperimentConfig:
-    """Build the config from a notebook's globals after the parameters cell.
-
-    Papermill injects parameters as plain assignments and only warns about names the notebook does
-    not declare, so an unknown name (``-p lora_rr 8``) must fail here, with a did-you-mean. But the
-    notebook's own variables (``rows``, ``keys`` …) live in the same globals, and a second *Run All*
-    or a rerun from the parameters cell must not mistake them for parameters. So in a kernel the
-    candidates are the names the parameters cells that just ran assigned (read from IPython's input
-    history, ``In``); the values of every known field come from the namespace. Without a history
-    (a plain dict, e.g. in tests) every plain value counts as a parameter.
-    """
-    history = namespace.get("In")
-    names = parameter_names_from_history(history) if isinstance(history, list) else None
-    if names is None:
-        names = [k for k, v in namespace.items() if not k.startswith("_") and k not in _NOTEBOOK_NAMES
-                 and isinstance(v, (str, int, float, bool, list, tuple, type(None)))]
-    _check_names(dict.fromkeys(names))
-    return ExperimentConfig(**{k: namespace[k] for k in FIELDS if k in namespace})
-
-
-# Names IPython/Jupyter put into a notebook's namespace that are not parameters.
-_NOTEBOOK_NAMES = {"In", "Out", "exit", "quit", "get_ipython", "open"}
-
-
-def parameters_cell_source() -> str:
-    """The canonical parameters cell: one ``name: type = default  # help`` line per field
-    (the form ``papermill --help-notebook`` documents), under :data:`PARAMETERS_HEADER`.
-    ``python scripts/nbtools.py params`` writes it into every notebook; a test fails on drift."""
-    lines = [PARAMETERS_HEADER,
-             "# Generated from hb_utils/config.py (`python scripts/nbtools.py params`); the next cell validates them."]
-    for f in fields(ExperimentConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        typ = _type_name(f)
-        # papermill's parser accepts no "|" in annotations; a quoted annotation is never evaluated.
-        typ = '"Union[int, str]"' if typ == "int | str" else typ
-        lines.append(f"{f.name}: {typ} = {default!r}  # {f.metadata['help']}")
-    return "\n".join(lines)

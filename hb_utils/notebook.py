@@ -9,11 +9,14 @@ changed against Experiment 1 (:func:`hb_utils.report.header_markdown`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import ast
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import fields
 from typing import Any
 
 from hb_utils import quiet
-from hb_utils.config import ExperimentConfig, config_from_namespace
+from hb_utils.config import FIELDS, ExperimentConfig, check_names, type_name
 
 
 def begin(namespace: Mapping[str, Any], *, show: bool = True) -> ExperimentConfig:
@@ -27,3 +30,79 @@ def begin(namespace: Mapping[str, Any], *, show: bool = True) -> ExperimentConfi
 
         display(Markdown(header_markdown(cfg)))
     return cfg
+
+
+# The first line of a parameters cell: ours (generated, see parameters_cell_source) and papermill's injected one.
+PARAMETERS_HEADER = "# Parameters (papermill: -f params/<name>.yaml, -p name value). Defaults = Experiment 1."
+_INJECTED_HEADER = "# Parameters"
+
+
+def _assigned_names(source: str) -> list[str]:
+    """Top-level names a cell assigns (``name = ...`` or ``name: type = ...``)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return []
+    names = []
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        names += [t.id for t in targets if isinstance(t, ast.Name)]
+    return names
+
+
+def parameter_names_from_history(history: Sequence[str]) -> list[str] | None:
+    """Names assigned by the parameters cells that ran last in a kernel (IPython's ``In`` list).
+
+    Walks back from the newest input: papermill's injected cell (first line ``# Parameters``) and our
+    generated parameters cell (first line :data:`PARAMETERS_HEADER`) count; the walk stops at ours.
+    None when no parameters cell ran in this kernel.
+    """
+    found: list[str] = []
+    seen = False
+    for source in reversed(list(history)):
+        first = source.lstrip().split("\n", 1)[0].strip() if source else ""
+        if first == PARAMETERS_HEADER or first == _INJECTED_HEADER:
+            found += _assigned_names(source)
+            seen = True
+            if first == PARAMETERS_HEADER:
+                break
+    return found if seen else None
+
+
+def config_from_namespace(namespace: Mapping[str, Any]) -> ExperimentConfig:
+    """Build the config from a notebook's globals after the parameters cell.
+
+    Papermill injects parameters as plain assignments and only warns about names the notebook does
+    not declare, so an unknown name (``-p lora_rr 8``) must fail here, with a did-you-mean. But the
+    notebook's own variables (``rows``, ``keys`` …) live in the same globals, and a second *Run All*
+    or a rerun from the parameters cell must not mistake them for parameters. So in a kernel the
+    candidates are the names the parameters cells that just ran assigned (read from IPython's input
+    history, ``In``); the values of every known field come from the namespace. Without a history
+    (a plain dict, e.g. in tests) every plain value counts as a parameter.
+    """
+    history = namespace.get("In")
+    names = parameter_names_from_history(history) if isinstance(history, list) else None
+    if names is None:
+        names = [k for k, v in namespace.items() if not k.startswith("_") and k not in _NOTEBOOK_NAMES
+                 and isinstance(v, (str, int, float, bool, list, tuple, type(None)))]
+    check_names(dict.fromkeys(names))
+    return ExperimentConfig(**{k: namespace[k] for k in FIELDS if k in namespace})
+
+
+# Names IPython/Jupyter put into a notebook's namespace that are not parameters.
+_NOTEBOOK_NAMES = {"In", "Out", "exit", "quit", "get_ipython", "open"}
+
+
+def parameters_cell_source() -> str:
+    """The canonical parameters cell: one ``name: type = default  # help`` line per field
+    (the form ``papermill --help-notebook`` documents), under :data:`PARAMETERS_HEADER`.
+    ``python scripts/nbtools.py params`` writes it into every notebook; a test fails on drift."""
+    lines = [PARAMETERS_HEADER,
+             "# Generated from hb_utils/config.py (`python scripts/nbtools.py params`); the next cell validates them."]
+    for f in fields(ExperimentConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        typ = type_name(f)
+        # papermill's parser accepts no "|" in annotations; a quoted annotation is never evaluated.
+        typ = '"Union[int, str]"' if typ == "int | str" else typ
+        lines.append(f"{f.name}: {typ} = {default!r}  # {f.metadata['help']}")
+    return "\n".join(lines)

@@ -8,10 +8,9 @@ from hb_utils.config import (
     SYSTEM_PROMPT,
     ConfigError,
     ExperimentConfig,
-    config_from_namespace,
     load_config,
-    parameters_cell_source,
 )
+from hb_utils.notebook import config_from_namespace, parameters_cell_source
 from tests.conftest import ROOT
 
 

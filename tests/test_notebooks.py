@@ -16,7 +16,8 @@ import nbformat
 import papermill as pm
 import pytest
 
-from hb_utils.config import FIELDS, ExperimentConfig, load_config, parameters_cell_source
+from hb_utils.config import FIELDS, ExperimentConfig, load_config
+from hb_utils.notebook import parameters_cell_source
 from hb_utils.report import to_html
 from hb_utils.run_dir import RunPaths
 from tests.conftest import ROOT, write_release

@@ -11,8 +11,9 @@ import nbformat
 import pytest
 
 from hb_utils import cli, runner
-from hb_utils.config import load_config, parameters_cell_source
+from hb_utils.config import load_config
 from hb_utils.errors import RunError
+from hb_utils.notebook import parameters_cell_source
 from tests.conftest import ROOT
 
 
@@ -21,7 +22,7 @@ def fixture_notebook(path, body: str) -> None:
     params = nbformat.v4.new_code_cell(parameters_cell_source())
     params.metadata["tags"] = ["parameters"]
     nb.cells = [nbformat.v4.new_markdown_cell("# fixture"), params,
-                nbformat.v4.new_code_cell("from hb_utils.config import config_from_namespace\n"
+                nbformat.v4.new_code_cell("from hb_utils.notebook import config_from_namespace\n"
                                           "cfg = config_from_namespace(globals())"),
                 nbformat.v4.new_code_cell(body)]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
