@@ -1,14 +1,8 @@
 """Attention for training on CPU: plain matmul attention for short batches, SDPA for the rest.
 
 Why: PyTorch's fused CPU attention (what ``sdpa`` runs on CPU) has a fast forward but a slow
-backward for short sequences. SmolLM2's shapes (batch 2, 9 query / 3 key-value heads, head dim 64,
-bf16; ``python benchmarks/bench_attention.py [--threads 2]``), forward + backward per layer, ms:
-
-    keys                128    160    192    256    320    384    512
-    1 thread   SDPA    10.6           9.7   15.3   19.0   23.5   40.2
-               matmul   4.6           6.3   11.1   15.2   27.0   58.4
-    2 threads  SDPA     6.3    7.5    5.8    8.3   10.2   12.9   20.8
-               matmul   5.0    6.0    8.4    9.2   15.1   19.9   37.0
+backward for short sequences (SmolLM2's shapes, forward + backward per layer: the table by sequence
+length and thread count is in ``benchmarks/README.md``, from ``python benchmarks/bench_attention.py``).
 
 Matmul attention (two matmuls and a softmax, transformers' "eager" formula) wins for short
 sequences; beyond, materializing the score matrix costs more than SDPA's backward, and SDPA gains

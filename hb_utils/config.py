@@ -95,7 +95,7 @@ class ExperimentConfig:
     lora_r: int = _f(8, "LoRA rank.", min=1, scope="train")
     lora_alpha: int = _f(16, "LoRA alpha; the adapter output is scaled by alpha / r.", min=1, scope="train")
     lora_dropout: float = _f(0.05, "LoRA dropout, in [0, 1).", min=0.0, max_excl=1.0, scope="train")
-    fast_lora_dropout: bool = _f(True, "On CPU, draw LoRA dropout masks 16 bits at a time (3.5x faster masks, "
+    fast_lora_dropout: bool = _f(True, "On CPU, draw LoRA dropout masks 16 bits at a time (faster masks, "
                                  "p rounded to 2**-16, a different random stream); False: PEFT's nn.Dropout.", scope="train")
     lora_target_modules: list[str] = _f(LORA_TARGETS, "Module names that get LoRA adapters.", scope="train")
     # --- training ---

@@ -1,8 +1,8 @@
 """The machine a run ran on, in one record: device, dtype policy, CPU class, library versions, commit, memory.
 
-Why: a figure means little without the machine under it. The same smoke series took 91 s on a CPU with
-bf16 units (AMX / AVX-512-BF16) and 437 s on an AVX2-only one, and ``compute_dtype: auto`` picks a
-different dtype on each. Run records (``config.json``), training metrics, reports and benchmarks all
+Why: a figure means little without the machine under it. The same smoke series runs several times
+slower on an AVX2-only CPU than on one with bf16 units (AMX / AVX-512-BF16; ``benchmarks/README.md``),
+and ``compute_dtype: auto`` picks a different dtype on each. Run records (``config.json``), training metrics, reports and benchmarks all
 take their facts from here, so they cannot disagree, and the package list is written once.
 """
 

@@ -3,9 +3,8 @@
 Why this module exists: PEFT applies ``nn.Dropout(p)`` to the *input* of every LoRA layer, so each
 training step draws one random number per token and input feature of every adapted projection
 (SmolLM2: 7 projections x 30 blocks, about 5,000 numbers per token). On CPU, PyTorch draws them one
-by one from its Mersenne Twister and converts each to a float before comparing it with ``1 - p``:
-about 6 ns per element on this project's CPU, 15 % of a ``cpu_exp1_fast`` training step
-(``benchmarks/bench_train.py``).
+by one from its Mersenne Twister and converts each to a float before comparing it with ``1 - p``, a
+noticeable share of a CPU training step (``benchmarks/bench_train.py``; figures in ``benchmarks/README.md``).
 
 :class:`FastDropout` computes the same thing, inverted dropout (zero each element with probability
 ``p``, scale the rest by ``1 / (1 - p)``, the identity in eval mode), but takes each element's

@@ -134,9 +134,8 @@ def use_dequantize_matmul_path(model: torch.nn.Module) -> int:
     2. with compute_dtype fp32, batched greedy answers differ from one-at-a-time ones;
     3. it is fast only for a handful of rows per forward (one-at-a-time decoding). The project works
        in batches, where dequantizing each weight once per forward and running one bf16 matmul is
-       faster: SmolLM2, 1 thread, 32 test questions (``benchmarks/bench_eval.py``): perplexity at
-       batch 8 in 5.3 s instead of 20.5 s; greedy generation at batch 32 in 8.4 s instead of 15.9 s.
-       One prompt at a time the fused kernel is faster (7.5 s vs 18.6 s for 4 prompts).
+       faster (``benchmarks/bench_eval.py``; figures in ``benchmarks/README.md``). One prompt at a
+       time the fused kernel is faster.
 
     So every 4-bit model on CPU uses the dequantize path: one exact 4-bit path for training,
     evaluation and generation. Returns how many layers were changed.
