@@ -88,10 +88,13 @@ def align_generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokeniz
         gen.pad_token_id = tokenizer.pad_token_id
 
 
-def load_base_model(cfg: ExperimentConfig, *, for_training: bool = False) -> PreTrainedModel:
+def load_base_model(cfg: ExperimentConfig, *, for_training: bool = False,
+                    tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
     """The base model of ``cfg``: 4-bit NF4 when ``cfg.load_in_4bit`` (CPU and GPU alike), else in the
     compute dtype. ``for_training`` turns off the KV cache; gradient checkpointing and input grads
-    are left to the trainer (TRL's SFTTrainer sets them from SFTConfig)."""
+    are left to the trainer (TRL's SFTTrainer sets them from SFTConfig). Pass the ``tokenizer`` the
+    caller already loaded (its stop and pad tokens go into the generation config), so one model load
+    loads the tokenizer once."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(cfg.model_name)
@@ -113,7 +116,7 @@ def load_base_model(cfg: ExperimentConfig, *, for_training: bool = False) -> Pre
         model.to(default_device())
     if qconf is not None and default_device().type == "cpu":
         use_dequantize_matmul_path(model)
-    align_generation_config(model, load_tokenizer(cfg.model_name))
+    align_generation_config(model, tokenizer if tokenizer is not None else load_tokenizer(cfg.model_name))
     if for_training:
         model.config.use_cache = False
     else:
@@ -204,8 +207,8 @@ def load_adapter_model(cfg: ExperimentConfig, adapter_dir: str | Path) -> tuple[
     from peft import PeftModel
 
     adapter_dir = check_adapter(cfg, adapter_dir)
-    base = load_base_model(cfg)
     tokenizer = load_tokenizer(cfg.model_name)
+    base = load_base_model(cfg, tokenizer=tokenizer)
     model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     model.eval()
     return model, tokenizer

@@ -169,7 +169,7 @@ def build_trainer(cfg: ExperimentConfig, args: SFTConfig, tokenizer: Any, train_
     the same thing; with ``fast_lora_dropout`` PEFT's dropout modules are swapped for
     :class:`hb_utils.lora_dropout.FastDropout` before any step.
     """
-    trainer = trainer_class(model=modeling.load_base_model(cfg, for_training=True), args=args,
+    trainer = trainer_class(model=modeling.load_base_model(cfg, for_training=True, tokenizer=tokenizer), args=args,
                             train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                             peft_config=modeling.lora_config(cfg), callbacks=list(callbacks))
     if cfg.fast_lora_dropout:
