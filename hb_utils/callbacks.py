@@ -45,10 +45,14 @@ class CompactLogCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.t0, self.step0 = time.time(), state.global_step
+        if not getattr(state, "is_world_process_zero", True):  # multi-process runs: rank 0 speaks for all
+            return
         where = f" (resumed at step {state.global_step})" if state.global_step else ""
         print(f"[train] {state.max_steps} optimizer steps{where}", flush=True)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not getattr(state, "is_world_process_zero", True):
+            return
         logs = logs or {}
         step = f"step {state.global_step}/{state.max_steps}"
         if "loss" in logs:

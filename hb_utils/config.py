@@ -122,6 +122,14 @@ class ExperimentConfig:
     seed: int = _f(42, "Training seed.", scope="train")
     report_to: str = _f("none", "Training logger: none or tensorboard (needs `pip install tensorboard`; "
                         "logs in checkpoints/runs/).", choices=("none", "tensorboard"), scope="run")
+    num_processes: int = _f(1, "Training processes (data-parallel through `accelerate launch`: one per GPU, or CPU "
+                            "processes; docs/distributed.md). Effective batch = batch_size x grad_accum x "
+                            "num_processes: keep Experiment 1's 8 with grad_accum = 8 / (batch_size x num_processes). "
+                            "Scope train: another N is another optimisation (batch, data order, per-rank RNG), so "
+                            "its adapter/checkpoints are never reused or resumed.", min=1, scope="train")
+    accelerate_config: str = _f("", "accelerate config YAML for num_processes > 1 (e.g. accelerate/fsdp_qlora.yaml: "
+                                "FSDP for models that do not fit one GPU); empty: DDP with accelerate's defaults. "
+                                "Same optimisation either way (only rounding differs).", scope="run")
     resume: str = _f("auto", "auto: continue from this config's newest checkpoint; never: start fresh.",
                      choices=("auto", "never"), scope="run")
     # --- evaluation ---

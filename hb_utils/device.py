@@ -29,8 +29,17 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def default_device() -> torch.device:
-    """The current CUDA device where there is one, else the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    """The current CUDA device where there is one, else the CPU.
+
+    In a multi-process run each rank uses the GPU of its ``LOCAL_RANK`` (set by torchrun): the model is
+    loaded before the Trainer selects the rank's device, and TRL/PEFT's DDP recipe puts each rank's
+    4-bit base on that rank's own GPU (``device_map={"": local_rank}``).
+    """
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def cpu_has_native_bf16() -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,7 +60,12 @@ def quantization_config(cfg: ExperimentConfig) -> BitsAndBytesConfig | None:
                          "(or set load_in_4bit: false).") from None
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(
+    extra = {}
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        # FSDP flattens parameters of one dtype: store the 4-bit weights in the compute dtype's container
+        # (PEFT's FSDP + QLoRA recipe). Same values, other packing; set by accelerate launch's FSDP config.
+        extra["bnb_4bit_quant_storage"] = resolve_compute_dtype(cfg.compute_dtype)
+    return BitsAndBytesConfig(**extra,
         load_in_4bit=True,
         bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=cfg.bnb_4bit_double_quant,

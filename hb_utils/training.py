@@ -6,6 +6,10 @@ resumes from this config's newest checkpoint, saves the adapter atomically and w
 the loss curve to ``outputs/<experiment>/``; :func:`reload_check` proves the saved adapter loads and
 answers. An adapter or checkpoints of another config are never overwritten or resumed: every one of
 them carries a :func:`hb_utils.run_dir.stamp`, checked by :func:`hb_utils.run_dir.require`.
+
+With ``num_processes > 1``, :func:`prepare` only checks the run directory and :func:`fit` hands the
+training to :func:`hb_utils.distributed.launch`; each launched rank runs :func:`prepare_worker` and
+:func:`fit` from this module (the one code path), and only rank 0 writes into the run directory.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 from transformers import PrinterCallback, TrainerCallback
 from trl import SFTTrainer
 
-from hb_utils import data, device, modeling, plots, results, run_dir
+from hb_utils import data, device, distributed, modeling, plots, results, run_dir
 from hb_utils.callbacks import CompactLogCallback, NanGuardCallback, oom_guard
 from hb_utils.config import ExperimentConfig
 from hb_utils.errors import DataError
@@ -107,14 +111,18 @@ class TrainRun:
     compute_dtype: torch.dtype | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
     n_truncated: int = 0
+    launcher: bool = False  # num_processes > 1 in the notebook kernel: fit() launches the ranks
 
 
-
-def prepare(cfg: ExperimentConfig, *, callbacks: Sequence[TrainerCallback] = ()) -> TrainRun:
+def prepare(cfg: ExperimentConfig, *, callbacks: Sequence[TrainerCallback] = (),
+            check_devices: bool = True) -> TrainRun:
     """Check the run directory, load the splits, tokenizer and 4-bit model, and build the SFTTrainer.
 
     When this config's adapter is already complete (and ``resume="auto"``), nothing is loaded:
-    ``run.already_trained`` is True and :func:`fit` returns the stored metrics.
+    ``run.already_trained`` is True and :func:`fit` returns the stored metrics. With
+    ``num_processes > 1`` no model is loaded here either (the ranks load their own): the resume point
+    is decided once, the splits are written, ``num_processes`` is checked against this machine's
+    devices (``check_devices``), and :func:`fit` launches the ranks.
     """
     run_paths = run_dir.RunPaths.for_config(cfg)
     slot = check_adapter_slot(cfg)
@@ -124,8 +132,24 @@ def prepare(cfg: ExperimentConfig, *, callbacks: Sequence[TrainerCallback] = ())
               f"{cfg.fingerprint('train')}); reusing it. Set resume='never' to train again.", flush=True)
         return TrainRun(cfg, run_paths, None, None, {}, already_trained=True)
     resume_from = resolve_resume(cfg)
-
     splits = data.ensure_splits(cfg)
+    if cfg.num_processes > 1 and not distributed.in_worker():
+        if check_devices:
+            distributed.check_num_processes(cfg)  # refused before anything starts
+        return TrainRun(cfg, run_paths, None, None, splits, resume_from=resume_from, launcher=True,
+                        compute_dtype=None)
+    return _build(cfg, run_paths, splits, resume_from, callbacks)
+
+
+def prepare_worker(cfg: ExperimentConfig, *, resume_from: str | None,
+                   callbacks: Sequence[TrainerCallback] = ()) -> TrainRun:
+    """One rank of a multi-process run: the launcher already checked the run directory and chose
+    ``resume_from``, so no rank deletes or picks checkpoints on its own; the splits are read."""
+    return _build(cfg, run_dir.RunPaths.for_config(cfg), data.ensure_splits(cfg), resume_from, callbacks)
+
+
+def _build(cfg: ExperimentConfig, run_paths: run_dir.RunPaths, splits: dict[str, list[dict[str, Any]]],
+           resume_from: str | None, callbacks: Sequence[TrainerCallback]) -> TrainRun:
     train_ds = to_prompt_completion(splits["train"])
     eval_ds = to_prompt_completion(splits["val"]) if splits.get("val") else None
     dtype = device.resolve_compute_dtype(cfg.compute_dtype)
@@ -148,21 +172,39 @@ def describe(run: TrainRun) -> str:
     """A few lines for the notebook: data sizes, parameters, dtype, resume point."""
     if run.already_trained:
         return f"already trained: {run.paths.adapter}"
+    cfg = run.cfg
+    if run.launcher:
+        return "\n".join([
+            f"train / val examples: {len(run.splits['train'])} / {len(run.splits.get('val') or [])}",
+            f"{cfg.num_processes} training processes (accelerate launch"
+            + (f", {cfg.accelerate_config}" if cfg.accelerate_config else ", DDP") + "): each loads its own model; "
+            "parameters and a training example are printed by rank 0 when training starts",
+            f"optimizer: {cfg.optim}; effective batch: {cfg.batch_size} x {cfg.grad_accum} x {cfg.num_processes} = "
+            f"{effective_batch(cfg)}",
+            f"resume from: {run.resume_from or 'nothing (fresh start)'}",
+        ])
     p = run.parameters
     lines = [
         f"train / val examples: {len(run.trainer.train_dataset)} / {len(run.splits.get('val') or [])}"
         f" ({run.n_truncated} training examples reach max_length={run.cfg.max_length} and are cut)",
         f"trainable parameters: {p['trainable']:,} of {p['total']:,} ({p['trainable_pct']:.3f}%)",
-        f"compute dtype: {run.compute_dtype}; optimizer: {run.cfg.optim}; effective batch: "
-        f"{run.cfg.batch_size * run.cfg.grad_accum}",
+        f"compute dtype: {run.compute_dtype}; optimizer: {run.cfg.optim}; effective batch: {effective_batch(cfg)}"
+        + (f" ({cfg.batch_size} x {cfg.grad_accum} x {cfg.num_processes} processes)" if cfg.num_processes > 1 else ""),
         f"loss on: {'the answer + end-of-turn token only' if run.cfg.completion_only_loss else 'the whole text (original)'}",
         f"resume from: {run.resume_from or 'nothing (fresh start)'}",
     ]
     return "\n".join(lines)
 
 
+def effective_batch(cfg: ExperimentConfig) -> int:
+    """Examples per optimizer step over all processes: batch_size x grad_accum x num_processes."""
+    return cfg.batch_size * cfg.grad_accum * cfg.num_processes
+
+
 def example_view(run: TrainRun, index: int = 0) -> str:
     """Training example ``index`` as the model sees it, the supervised part in ⟦ ⟧."""
+    if run.launcher:  # the tokenized dataset lives in the ranks; rank 0 prints this view when it starts
+        return "(multi-process run: rank 0 prints training example 0 when training starts)"
     ex = run.trainer.train_dataset[index]
     batch = run.trainer.data_collator([ex])
     return mark_supervised(run.tokenizer, batch["input_ids"][0], batch["labels"][0], batch.get("attention_mask", [None])[0])
@@ -173,12 +215,19 @@ def fit(run: TrainRun) -> dict[str, Any]:
     the log history and the loss-curve plot. Returns the metrics dict (also in metrics/train.json)."""
     if run.already_trained:
         return run_dir.read_json(run.paths.metrics / "train.json")
+    if run.launcher:
+        return distributed.launch(run)
     cfg, trainer = run.cfg, run.trainer
-    if run.resume_from is None:
-        _stamp_checkpoints(cfg)
-    print(f"[train] {describe(run).splitlines()[1]}", flush=True)
-    if run.resume_from:
-        print(f"[train] resuming from {run.resume_from}", flush=True)
+    main = distributed.is_main_process()
+    if main:
+        if run.resume_from is None:
+            _stamp_checkpoints(cfg)
+        print(f"[train] {describe(run).splitlines()[1]}", flush=True)
+        if distributed.in_worker():
+            print(f"[train] {describe(run).splitlines()[2]}", flush=True)
+            print("[train] training example 0 (supervised part in ⟦ ⟧):\n" + example_view(run, 0), flush=True)
+        if run.resume_from:
+            print(f"[train] resuming from {run.resume_from}", flush=True)
     state0 = {"step": 0, "tokens": 0}
 
     class _Start(TrainerCallback):
@@ -192,6 +241,8 @@ def fit(run: TrainRun) -> dict[str, Any]:
         result = trainer.train(resume_from_checkpoint=run.resume_from)
 
     _save_adapter(run)
+    if not main:
+        return {}
     metrics = _collect_metrics(run, result.metrics, state0)
     run_dir.write_json(run.paths.metrics / "train.json", metrics)
     run_dir.write_json(run.paths.metrics / "log_history.json", trainer.state.log_history)
@@ -231,9 +282,15 @@ def _save_adapter(run: TrainRun) -> None:
     never holds a half-written adapter."""
     final = run.paths.adapter
     tmp = final.with_name(final.name + ".partial")
-    if tmp.exists():
+    main = distributed.is_main_process()
+    if main and tmp.exists():
         shutil.rmtree(tmp)
-    run.trainer.save_model(str(tmp))
+    distributed.barrier()
+    if getattr(run.trainer, "is_fsdp_enabled", False):  # PEFT's FSDP recipe: gather a full adapter to save
+        run.trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    run.trainer.save_model(str(tmp))  # every rank calls it (FSDP gathers); only rank 0 writes files
+    if not main:
+        return
     run.tokenizer.save_pretrained(str(tmp))
     modeling.write_adapter_meta(run.cfg, tmp)
     if final.exists():
@@ -262,7 +319,10 @@ def _collect_metrics(run: TrainRun, train_metrics: dict[str, Any], start: dict[s
         "n_val": len(run.splits.get("val") or []),
         "n_train_truncated": run.n_truncated,
         "completion_only_loss": cfg.completion_only_loss,
-        "effective_batch_size": cfg.batch_size * cfg.grad_accum,
+        "num_processes": cfg.num_processes,
+        "effective_batch_size": effective_batch(cfg),
+        "per_device_batch_size": cfg.batch_size,
+        "grad_accum": cfg.grad_accum,
         "train_loss_mean": train_metrics.get("train_loss"),
         "final_train_loss": losses[-1][1] if losses else None,
         "best_val_loss": best[1],
@@ -275,7 +335,7 @@ def _collect_metrics(run: TrainRun, train_metrics: dict[str, Any], start: dict[s
         "train_steps_per_second": train_metrics.get("train_steps_per_second"),
         "tokens_seen_this_run": tokens,
         "tokens_per_second": round(tokens / runtime, 2) if runtime else None,
-        "peak_memory": device.peak_memory(),
+        "peak_memory": device.peak_memory(),  # of rank 0 when num_processes > 1
         "parameters": run.parameters,
         "compute_dtype": device.dtype_name(run.compute_dtype),
         "device": device.summary(),

@@ -130,7 +130,10 @@ def build_sft_config(cfg: ExperimentConfig, *, output_dir: str | Path | None = N
         optim=cfg.optim,
         max_grad_norm=cfg.max_grad_norm,
         activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5 name of gradient checkpointing
+        # non-reentrant checkpointing + no unused-parameter search: TRL/PEFT's DDP recipe for LoRA (the frozen
+        # base has no gradients, every LoRA weight gets one; reentrant checkpointing breaks DDP's hooks)
         activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        ddp_find_unused_parameters=False,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
