@@ -59,7 +59,7 @@ attn_implementation: str = 'auto'  # Attention kernel: auto (SDPA, except short 
 lora_r: int = 8  # LoRA rank.
 lora_alpha: int = 16  # LoRA alpha; the adapter output is scaled by alpha / r.
 lora_dropout: float = 0.05  # LoRA dropout, in [0, 1).
-fast_lora_dropout: bool = True  # On CPU, draw LoRA dropout masks 16 bits at a time (3.5x faster masks, p rounded to 2**-16, a different random stream); False: PEFT's nn.Dropout.
+fast_lora_dropout: bool = True  # On CPU, draw LoRA dropout masks 16 bits at a time (faster masks, p rounded to 2**-16, a different random stream); False: PEFT's nn.Dropout.
 lora_target_modules: list[str] = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']  # Module names that get LoRA adapters.
 learning_rate: float = 0.0002  # Peak learning rate.
 batch_size: int = 2  # Per-device training batch size.
@@ -81,6 +81,8 @@ load_best_model: bool = True  # Keep the checkpoint with the best validation los
 completion_only_loss: bool = True  # Loss on answer tokens only (False: original full-sequence loss).
 seed: int = 42  # Training seed.
 report_to: str = 'none'  # Training logger: none or tensorboard (needs `pip install tensorboard`; logs in checkpoints/runs/).
+num_processes: int = 1  # Training processes (data-parallel through `accelerate launch`: one per GPU, or CPU processes; docs/distributed.md). Effective batch = batch_size x grad_accum x num_processes: keep Experiment 1's 8 with grad_accum = 8 / (batch_size x num_processes). Scope train: another N is another optimisation (batch, data order, per-rank RNG), so its adapter/checkpoints are never reused or resumed.
+accelerate_config: str = ''  # accelerate config YAML for num_processes > 1 (e.g. accelerate/fsdp_qlora.yaml: FSDP for models that do not fit one GPU); empty: DDP with accelerate's defaults. Same optimisation either way (only rounding differs).
 resume: str = 'auto'  # auto: continue from this config's newest checkpoint; never: start fresh.
 eval_size: "Union[int, str]" = 20  # Test questions to generate answers for (an int, or 'all').
 eval_max_new_tokens: int = 150  # New-token limit of evaluation answers (greedy).
