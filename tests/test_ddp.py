@@ -201,6 +201,7 @@ def test_two_processes_see_each_example_once_match_one_process_and_only_rank0_wr
     # 8 training examples (10 pairs, 80/10/10), batch 2 per rank, 2 ranks: 2 optimizer steps of 4 examples
     ddp = exact_cfg(tmp_path / "ddp", num_processes=2, grad_accum=1)
     run = training.prepare(ddp)
+    capsys.readouterr()  # drop the one-process run's lines
     metrics = distributed.launch(run, worker=str(script))
     out = capsys.readouterr().out
     assert metrics["num_processes"] == 2 and metrics["effective_batch_size"] == 4 and metrics["global_step"] == 2
