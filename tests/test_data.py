@@ -1,6 +1,7 @@
 import json
 import re
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -119,6 +120,40 @@ def test_shared_and_near_duplicate_answers_join_one_group(split_by):
     assert summary["largest_group"] == 8
     row = data.group_pairs(df, "row").summary()
     assert row["groups"] == len(df) and row["pairs_regrouped"] == 0
+
+
+def test_near_duplicate_groups_equal_brute_force_components_at_the_threshold():
+    # 25 answers of 200 random words, each with 4 variants that change 3..6 words: Jaccards around 0.75-0.86,
+    # many right at 0.8, where LSH is least sure. The groups must be exactly the components of J >= 0.8.
+    rng = np.random.default_rng(0)
+    answers = []
+    for base in range(25):
+        text = [f"v{x}" for x in rng.integers(0, 5000, 200)]
+        answers.append(text)
+        for changed in rng.integers(3, 7, 4):
+            variant = list(text)
+            for pos in rng.choice(200, changed, replace=False):
+                variant[pos] = f"new{base}x{pos}"
+            answers.append(variant)
+    grams = [{tuple(a[i:i + 5]) for i in range(len(a) - 4)} for a in answers]  # written out here, as jaccard5
+    jac = {(i, j): len(grams[i] & grams[j]) / len(grams[i] | grams[j])
+           for i in range(len(answers)) for j in range(i + 1, len(answers))}
+    assert sum(0.8 <= v < 0.82 for v in jac.values()) >= 10 and sum(0.78 <= v < 0.8 for v in jac.values()) >= 5
+    parent = list(range(len(answers)))  # brute-force components
+
+    def root(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for (i, j), v in jac.items():
+        if v >= 0.8:
+            parent[root(i)] = root(j)
+    df = pd.DataFrame({"question": [f"What is item {i}?" for i in range(len(answers))],
+                       "answer": [" ".join(a) for a in answers]})
+    keys = data.group_keys(df, "question")
+    expected = pd.Series([root(i) for i in range(len(answers))])
+    assert keys.groupby(expected).nunique().eq(1).all() and expected.groupby(keys).nunique().eq(1).all()
 
 
 def test_a_question_asked_twice_is_one_plain_group():
