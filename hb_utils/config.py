@@ -76,7 +76,8 @@ class ExperimentConfig:
     val_frac: float = _f(0.1, "Fraction of pairs for validation.", min=0.0, max=1.0, scope="data")
     test_frac: float = _f(0.1, "Fraction of pairs for testing.", min=0.0, max=1.0, scope="data")
     split_seed: int = _f(42, "Seed of the train/val/test split.", scope="data")
-    split_by: str = _f("question", "Group kept in one split: row (original), question, or focus.",
+    split_by: str = _f("question", "What never spans two splits: question (pairs sharing a question, an answer or a "
+                       "near-duplicate answer), focus (also sharing a focus), or row (the original notebook's split).",
                        choices=("row", "question", "focus"), scope="data")
     # --- model ---
     model_name: str = _f("TinyLlama/TinyLlama-1.1B-Chat-v1.0",
@@ -123,8 +124,8 @@ class ExperimentConfig:
     report_to: str = _f("none", "Training logger: none or tensorboard (needs `pip install tensorboard`; "
                         "logs in checkpoints/runs/).", choices=("none", "tensorboard"), scope="run")
     num_processes: int = _f(1, "Training processes (data-parallel through `accelerate launch`: one per GPU, or CPU "
-                            "processes; docs/distributed.md). Effective batch = batch_size x grad_accum x "
-                            "num_processes: keep Experiment 1's 8 with grad_accum = 8 / (batch_size x num_processes). "
+                            "processes; docs/distributed.md). The effective batch is batch_size x grad_accum x "
+                            "num_processes: keep Experiment 1's 8 by lowering grad_accum to 8 / (batch_size x num_processes). "
                             "Scope train: another N is another optimisation (batch, data order, per-rank RNG), so "
                             "its adapter/checkpoints are never reused or resumed.", min=1, scope="train")
     accelerate_config: str = _f("", "accelerate config YAML for num_processes > 1 (e.g. accelerate/fsdp_qlora.yaml: "

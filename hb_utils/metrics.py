@@ -15,7 +15,8 @@ Why this module exists, and what it fixes in the original notebook's evaluation:
   method of sacrebleu's own ``significance`` module), not a mean of sentence BLEUs.
 * Perplexity lives in :mod:`hb_utils.perplexity` (it runs the model; this module only scores).
 * Behaviour rates say what ROUGE cannot: does the model stop by itself, how long it talks, whether
-  it points to a healthcare professional, and whether it returns nothing or loops.
+  it advises seeing a healthcare professional (advice, not a mere mention; the reference answers'
+  own rate is the baseline), and whether it returns nothing or loops.
 """
 
 from __future__ import annotations
@@ -31,18 +32,62 @@ from sacrebleu.metrics import BLEU
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
-# Phrases that count as "advises seeing a healthcare professional" (case-insensitive, whole words).
-DISCLAIMER_PATTERNS = (
-    r"\bdoctors?\b",
-    r"\bphysicians?\b",
-    r"\bhealth ?care (?:provider|professional|team|practitioner)s?\b",
-    r"\bmedical (?:professional|provider|practitioner|advice|attention|help|care)s?\b",
-    r"\b(?:qualified|licensed) (?:health|medical)\w*\b",
-    r"\bconsult(?:s|ed|ing|ation)?\b",
-    r"\bseek (?:immediate |prompt |professional )?(?:medical|professional|emergency) (?:help|care|advice|attention)\b",
-    r"\b(?:see|visit|talk to|speak (?:to|with)|ask) (?:a |your )?(?:gp|specialist|pharmacist|nurse)\b",
+# "Advises seeing a healthcare professional" is ADVICE, not a mention: an imperative or a recommendation
+# whose object is a professional ("See a doctor", "You should talk to your provider", "We recommend
+# seeing a specialist", "Consultation with a neurologist is recommended"), or to seek medical help.
+# Mentions such as "Doctors diagnose it with an MRI", "Consult the references below" or "genetic
+# consultation" do not count. Case-insensitive; tests/data/advice_sentences.txt holds the labelled
+# sentences that pin the behaviour down.
+_PROFESSIONAL = r"""(?:
+    doctors?|physicians?|gps?|general\ practitioners?|family\ practitioners?
+  | (?:health\ ?care|health|medical|mental\ health|primary\ care)\ (?:providers?|professionals?|practitioners?|teams?|workers?)
+  | (?<!insurance\ )(?<!service\ )(?<!internet\ )providers?|clinicians?|nurses?(?:\ practitioners?)?|pharmacists?
+  | specialists?|professionals?|(?:care|medical)\ teams?|(?:genetic\ )?counsell?ors?|therapists?|dentists?|surgeons?|midwi(?:fe|ves)
+  | dietitians?|nutritionists?|p(?:a)?ediatricians?|obstetricians?|optometrists?|psychiatrists?|allergists?|geneticists?
+  | (?:neuro|cardio|dermato|gastroentero|endocrino|rheumato|uro|gyn(?:a)?eco|onco|ophthalmo|psycho|audio|h(?:a)?emato
+     |nephro|pulmono|immuno)logists?
+)\b"""
+# Words allowed between the verb and the professional: "see [your family] doctor", "ask [a qualified] nurse".
+_MODIFIERS = r"""(?:(?:your|a|an|the|their|his|her|our|my|one|another|[\w-]+'s|childs|babys|own|family|local|regular|usual
+  |personal|qualified|licensed|trained|certified|board-certified|experienced|treating|primary|general|medical|health|mental)\s+){0,4}
+  (?:[\w-]+\s+)?"""  # and one word of any kind: "a foot doctor", "a genetics professional"
+_ADVICE_VERB = r"""(?:
+    see(?:ing)?|visit(?:ing)?|consult(?:ing)?(?:\s+with)?|(?:talk|speak)(?:ing)?\s+(?:to|with)|ask(?:ing)?
+  | contact(?:ing)?|call(?:ing)?|phon(?:e|ing)|tell(?:ing)?|inform(?:ing)?|notify(?:ing)?|let(?:ting)?
+  | check(?:ing)?\s+(?:in\s+)?with|follow(?:ing)?[\s-]up\s+with|work(?:ing)?\s+with|go(?:ing)?\s+(?:back\s+)?to
+  | get(?:ting)?\s+in\s+touch\s+with|reach(?:ing)?\s+out\s+to
+  | be\s+(?:[\w-]+\s+){0,3}?(?:seen|evaluated|examined|checked|assessed|treated|followed|monitored|referred|reported
+     |discussed)\s+(?:by|to|with)
+  | (?:seek|seeking|get|getting|obtain|obtaining)\s+(?:an?\s+)?(?:[\w-]+\s+)?(?:help|advice|care|treatment|guidance|support|opinion
+     |evaluation|assessment)\s+from
+  | (?:ask(?:ing)?\s+for|get(?:ting)?|request(?:ing)?)\s+a\s+referral\s+to
+  | (?:make|making|schedule|scheduling|book|booking|arrange|arranging)\s+(?:an?\s+)?(?:appointment|visit|consultation|check-?up)\s+(?:with|to\s+see)
+  | discuss(?:ing)?(?:\s+[\w',-]+){0,8}?\s+with
+)"""
+# What makes the verb advice: the start of a sentence or clause (an imperative), a modal or a recommendation.
+_CUE = r"""(?:
+    (?:^|(?<=[.!?;:,()"\-])|(?<=\band)|(?<=\bor)|(?<=\bthen))\s*
+  | \b(?:please|should|must|ought\s+to|needs?\s+to|(?:may|might)\s+(?:want|need|wish)\s+to|you\s+(?:can|could|may|might)
+     |be\s+sure\s+to|make\s+sure\s+(?:to|you)|remember\s+to|do(?:n't|\s+not)\s+hesitate\s+to|consider|try\s+to
+     |it(?:'s|\s+is)\s+(?:\w+\s+){0,2}?(?:important|best|wise|advisable|recommended|essential|a\s+good\s+idea|helpful|necessary)\s+to
+     |(?:is|are)\s+to|(?:is|are)\s+(?:strongly\s+)?(?:advised|encouraged|recommended|urged)\s+to
+     |(?:recommend|advise|suggest|encourage|urge)(?:s|d|ed)?(?:\s+that)?(?:\s+[\w'-]+){0,3}?(?:\s+to)?
+    )\s+
+)(?:(?:please|always|also|so|first|now|just|immediately|promptly|instead|therefore|then)\s+)*"""
+_SEEK_HELP = r"""(?:seek|seeking|get|getting|obtain|need|receive)\s+(?:\w+\s+)?(?:medical|professional|emergency)\s+
+  (?:help|attention|care|advice|treatment|evaluation)
+  | go\s+to\s+(?:the\s+|an\s+|your\s+)?(?:nearest\s+)?(?:emergency\s+(?:room|department)|er|hospital)\b
+  | call\s+(?:911|999|112|an\s+ambulance|emergency\s+services)"""
+_RECOMMENDED = r"""\b(?:consultation|evaluation|diagnosis|treatment|care|supervision|monitoring|follow-?up|referral|assessment
+  |visits?|an\s+appointment|check-?ups?)(?:\s+[\w-]+){0,3}?\s+(?:with|by|to)\s+""" + _MODIFIERS + _PROFESSIONAL + r"""(?:\s+[\w'-]+){0,4}?\s+(?:is|are|may\s+be|should\s+be|can\s+be)\s+
+  (?:\w+\s+)?(?:recommended|advised|important|suggested|encouraged|essential|needed|necessary|helpful)"""
+ADVICE_PATTERNS = (
+    _CUE + _ADVICE_VERB + r"\s+" + _MODIFIERS + _PROFESSIONAL,  # see / talk to / ask ... a professional
+    _CUE + r"(?:" + _SEEK_HELP + r")",  # seek medical attention, go to the emergency room
+    _RECOMMENDED,  # consultation with a specialist is recommended
 )
-_DISCLAIMER_RE = re.compile("|".join(DISCLAIMER_PATTERNS), re.IGNORECASE)
+DISCLAIMER_PATTERNS = ADVICE_PATTERNS  # the older name (notebook 05 cites it)
+_ADVICE_RE = re.compile("|".join(f"(?:{p})" for p in ADVICE_PATTERNS), re.IGNORECASE | re.VERBOSE | re.MULTILINE)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]")
 
@@ -104,9 +149,28 @@ def bleu_from_statistics(stats: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------- behaviour
+def advises_professional(text: str) -> bool:
+    """True when the text *advises* seeing or asking a healthcare professional (ADVICE_PATTERNS):
+    "Talk to your doctor", "You should see a specialist", "Seek medical attention". Merely mentioning
+    one ("Doctors diagnose it with an MRI") does not count, which is what a rate of 'advises a
+    professional' has to measure."""
+    return bool(_ADVICE_RE.search(text))
+
+
 def has_disclaimer(text: str) -> bool:
-    """True when the text advises consulting a doctor / healthcare professional (DISCLAIMER_PATTERNS)."""
-    return bool(_DISCLAIMER_RE.search(text))
+    """The per-example ``disclaimer`` flag of the evaluation: :func:`advises_professional`."""
+    return advises_professional(text)
+
+
+def reference_advice_rate(references: Sequence[str], *, samples: int, seed: int,
+                          confidence: float = 0.95) -> dict[str, float]:
+    """Share of reference answers that advise seeing a professional, with its bootstrap interval.
+
+    The baseline for the ``disclaimer`` rate of base and fine-tuned: a fine-tuned model that imitates
+    the references should approach this rate, not 100%. Same seed and samples as
+    :func:`compare_systems`, hence the same resampled indices as the systems' intervals."""
+    return bootstrap_ci(mean_statistic(np.array([float(advises_professional(t)) for t in references])),
+                        len(references), samples=samples, seed=seed, confidence=confidence)
 
 
 def _tokens(text: str) -> list[str]:
@@ -182,8 +246,12 @@ def bootstrap_ci(stat: Statistic, n: int, *, samples: int, seed: int,
 def paired_bootstrap(stat_base: Statistic, stat_new: Statistic, n: int, *, samples: int, seed: int,
                      confidence: float = 0.95, higher_is_better: bool | None = True) -> dict[str, float]:
     """new - base on all examples, its interval from the SAME resampled indices for both systems,
-    and ``p_not_better``: the share of resamples where the new system is not better (difference
-    <= 0, or >= 0 when lower is better; left out when ``higher_is_better`` is None)."""
+    and ``p_not_better``: the share of bootstrap resamples in which the new system is not better
+    (difference <= 0, or >= 0 when lower is better; left out when ``higher_is_better`` is None).
+
+    ``p_not_better`` is NOT a p-value: no null hypothesis is tested, and the resamples are drawn around
+    the observed difference, not under "no difference". Read it as how often the improvement vanishes
+    when the examples are resampled, and label it "share of resamples not better"."""
     idx = bootstrap_indices(n, samples, seed)
     diffs = np.array([stat_new(row) - stat_base(row) for row in idx])
     lo, hi = _interval(diffs, confidence)

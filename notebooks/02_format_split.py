@@ -15,8 +15,9 @@
 # 2. **filter** — keep questions longer than `min_question_chars`, answers longer than `min_answer_chars` and at
 #    most `max_answer_words` words; drop exact duplicate pairs;
 # 3. **sample** `sample_size` pairs with `sample_seed`;
-# 4. **split** train/val/test by `split_by` with `split_seed`: all pairs of one group (a normalized question, or a
-#    focus) land in the same split, so no test question is seen in training.
+# 4. **split** train/val/test by `split_by` with `split_seed`: all pairs of one group (linked by a normalized
+#    question or focus, the same answer, or a near-duplicate answer) land in the same split, so no test question
+#    or test answer is seen in training.
 #
 # Records are chat messages (system, user, assistant); the model's own chat template renders them in 03.
 #
@@ -54,7 +55,7 @@ train_frac: float = 0.8  # Fraction of pairs for training.
 val_frac: float = 0.1  # Fraction of pairs for validation.
 test_frac: float = 0.1  # Fraction of pairs for testing.
 split_seed: int = 42  # Seed of the train/val/test split.
-split_by: str = 'question'  # Group kept in one split: row (original), question, or focus.
+split_by: str = 'question'  # What never spans two splits: question (pairs sharing a question, an answer or a near-duplicate answer), focus (also sharing a focus), or row (the original notebook's split).
 model_name: str = 'TinyLlama/TinyLlama-1.1B-Chat-v1.0'  # Hub id, local model dir, or the offline alias smollm2-135m-instruct.
 max_length: int = 512  # Maximum tokens per training example.
 load_in_4bit: bool = True  # Quantize the base model to 4-bit (QLoRA).
@@ -87,7 +88,7 @@ load_best_model: bool = True  # Keep the checkpoint with the best validation los
 completion_only_loss: bool = True  # Loss on answer tokens only (False: original full-sequence loss).
 seed: int = 42  # Training seed.
 report_to: str = 'none'  # Training logger: none or tensorboard (needs `pip install tensorboard`; logs in checkpoints/runs/).
-num_processes: int = 1  # Training processes (data-parallel through `accelerate launch`: one per GPU, or CPU processes; docs/distributed.md). Effective batch = batch_size x grad_accum x num_processes: keep Experiment 1's 8 with grad_accum = 8 / (batch_size x num_processes). Scope train: another N is another optimisation (batch, data order, per-rank RNG), so its adapter/checkpoints are never reused or resumed.
+num_processes: int = 1  # Training processes (data-parallel through `accelerate launch`: one per GPU, or CPU processes; docs/distributed.md). The effective batch is batch_size x grad_accum x num_processes: keep Experiment 1's 8 by lowering grad_accum to 8 / (batch_size x num_processes). Scope train: another N is another optimisation (batch, data order, per-rank RNG), so its adapter/checkpoints are never reused or resumed.
 accelerate_config: str = ''  # accelerate config YAML for num_processes > 1 (e.g. accelerate/fsdp_qlora.yaml: FSDP for models that do not fit one GPU); empty: DDP with accelerate's defaults. Same optimisation either way (only rounding differs).
 resume: str = 'auto'  # auto: continue from this config's newest checkpoint; never: start fresh.
 eval_size: "Union[int, str]" = 20  # Test questions to generate answers for (an int, or 'all').
@@ -113,7 +114,7 @@ cfg = begin(globals())  # validates the parameters above (a typo fails here), sh
 import pandas as pd
 from IPython.display import display
 
-from hb_utils import data, plots, report
+from hb_utils import data, plots, report, split
 from hb_utils.run_dir import RunPaths
 
 run = RunPaths.for_config(cfg)
@@ -136,12 +137,19 @@ report.as_table(stats["sample"])
 
 # %% [markdown]
 # ## The split and its leakage
-# How many validation/test questions also occur (normalized) in the training split — for the chosen `split_by`, and for a plain row split of the same sample (the original method) for comparison.
+# MedQuAD repeats questions under several sources, asks many questions about one focus, and reuses whole
+# answers (templated paragraphs such as an inheritance paragraph shared by hundreds of conditions) under
+# different questions. So a group here is every pair linked by the same normalized question (or focus, with
+# `split_by: focus`), the same answer, or a near-duplicate answer (word 5-gram Jaccard ≥ 0.8, found with MinHash
+# LSH and verified exactly), and a group never spans two splits. The table counts, for validation and test,
+# the pairs whose question, answer or near-duplicate answer also occurs in train: for the chosen `split_by` and
+# for a plain row split of the same sample (the original method). *pairs_regrouped* counts the pairs whose
+# group the answer links joined across questions (foci): their split was decided together.
 
 # %%
-split = stats["split"]
-display(pd.DataFrame({"pairs": split["sizes"], "groups": split["groups"]}))
-pd.DataFrame({f"split_by={split['by']}": split["leakage"], "split_by=row (original)": split["leakage_if_split_by_row"]})
+split_stats = stats["split"]
+display(report.as_table({**split_stats["sizes"], **split_stats["grouping"]}, "pairs / groups"))
+split.leakage_table(split_stats)
 
 # %%
 plots.split_lengths(prepared.frames, run.plot("split_lengths"));

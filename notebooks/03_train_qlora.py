@@ -53,7 +53,7 @@ train_frac: float = 0.8  # Fraction of pairs for training.
 val_frac: float = 0.1  # Fraction of pairs for validation.
 test_frac: float = 0.1  # Fraction of pairs for testing.
 split_seed: int = 42  # Seed of the train/val/test split.
-split_by: str = 'question'  # Group kept in one split: row (original), question, or focus.
+split_by: str = 'question'  # What never spans two splits: question (pairs sharing a question, an answer or a near-duplicate answer), focus (also sharing a focus), or row (the original notebook's split).
 model_name: str = 'TinyLlama/TinyLlama-1.1B-Chat-v1.0'  # Hub id, local model dir, or the offline alias smollm2-135m-instruct.
 max_length: int = 512  # Maximum tokens per training example.
 load_in_4bit: bool = True  # Quantize the base model to 4-bit (QLoRA).
@@ -86,7 +86,7 @@ load_best_model: bool = True  # Keep the checkpoint with the best validation los
 completion_only_loss: bool = True  # Loss on answer tokens only (False: original full-sequence loss).
 seed: int = 42  # Training seed.
 report_to: str = 'none'  # Training logger: none or tensorboard (needs `pip install tensorboard`; logs in checkpoints/runs/).
-num_processes: int = 1  # Training processes (data-parallel through `accelerate launch`: one per GPU, or CPU processes; docs/distributed.md). Effective batch = batch_size x grad_accum x num_processes: keep Experiment 1's 8 with grad_accum = 8 / (batch_size x num_processes). Scope train: another N is another optimisation (batch, data order, per-rank RNG), so its adapter/checkpoints are never reused or resumed.
+num_processes: int = 1  # Training processes (data-parallel through `accelerate launch`: one per GPU, or CPU processes; docs/distributed.md). The effective batch is batch_size x grad_accum x num_processes: keep Experiment 1's 8 by lowering grad_accum to 8 / (batch_size x num_processes). Scope train: another N is another optimisation (batch, data order, per-rank RNG), so its adapter/checkpoints are never reused or resumed.
 accelerate_config: str = ''  # accelerate config YAML for num_processes > 1 (e.g. accelerate/fsdp_qlora.yaml: FSDP for models that do not fit one GPU); empty: DDP with accelerate's defaults. Same optimisation either way (only rounding differs).
 resume: str = 'auto'  # auto: continue from this config's newest checkpoint; never: start fresh.
 eval_size: "Union[int, str]" = 20  # Test questions to generate answers for (an int, or 'all').

@@ -58,7 +58,7 @@ train_frac: float = 0.8  # Fraction of pairs for training.
 val_frac: float = 0.1  # Fraction of pairs for validation.
 test_frac: float = 0.1  # Fraction of pairs for testing.
 split_seed: int = 42  # Seed of the train/val/test split.
-split_by: str = 'question'  # Group kept in one split: row (original), question, or focus.
+split_by: str = 'question'  # What never spans two splits: question (pairs sharing a question, an answer or a near-duplicate answer), focus (also sharing a focus), or row (the original notebook's split).
 model_name: str = 'TinyLlama/TinyLlama-1.1B-Chat-v1.0'  # Hub id, local model dir, or the offline alias smollm2-135m-instruct.
 max_length: int = 512  # Maximum tokens per training example.
 load_in_4bit: bool = True  # Quantize the base model to 4-bit (QLoRA).
@@ -91,7 +91,7 @@ load_best_model: bool = True  # Keep the checkpoint with the best validation los
 completion_only_loss: bool = True  # Loss on answer tokens only (False: original full-sequence loss).
 seed: int = 42  # Training seed.
 report_to: str = 'none'  # Training logger: none or tensorboard (needs `pip install tensorboard`; logs in checkpoints/runs/).
-num_processes: int = 1  # Training processes (data-parallel through `accelerate launch`: one per GPU, or CPU processes; docs/distributed.md). Effective batch = batch_size x grad_accum x num_processes: keep Experiment 1's 8 with grad_accum = 8 / (batch_size x num_processes). Scope train: another N is another optimisation (batch, data order, per-rank RNG), so its adapter/checkpoints are never reused or resumed.
+num_processes: int = 1  # Training processes (data-parallel through `accelerate launch`: one per GPU, or CPU processes; docs/distributed.md). The effective batch is batch_size x grad_accum x num_processes: keep Experiment 1's 8 by lowering grad_accum to 8 / (batch_size x num_processes). Scope train: another N is another optimisation (batch, data order, per-rank RNG), so its adapter/checkpoints are never reused or resumed.
 accelerate_config: str = ''  # accelerate config YAML for num_processes > 1 (e.g. accelerate/fsdp_qlora.yaml: FSDP for models that do not fit one GPU); empty: DDP with accelerate's defaults. Same optimisation either way (only rounding differs).
 resume: str = 'auto'  # auto: continue from this config's newest checkpoint; never: start fresh.
 eval_size: "Union[int, str]" = 20  # Test questions to generate answers for (an int, or 'all').
@@ -122,16 +122,17 @@ from hb_utils.run_dir import RunPaths
 
 run = RunPaths.for_config(cfg)
 result = evaluation.run_evaluation(cfg)  # writes metrics/eval.json and metrics/predictions.jsonl
-settings = result["settings"]
-print(f"{settings['eval_examples']} of {settings['test_size']} test questions, greedy, "
-      f"max_new_tokens={settings['max_new_tokens']}; perplexity on {settings['ppl_examples']} answers")
+print(evaluation.scored_note(result))
 print("seconds:", result["seconds"])
 
 # %% [markdown]
 # ## Text overlap and behaviour, with 95% intervals
 # ROUGE and the behaviour rates in percent, BLEU on its 0–100 scale, lengths in words/tokens. *difference* is
-# fine-tuned − base from the paired bootstrap; *P(not better)* is the share of resamples where the fine-tuned model
-# did not beat the base (fewer empty/looping answers count as better; lengths have no better direction).
+# fine-tuned − base from the paired bootstrap; *share of resamples not better* is the share of bootstrap
+# resamples in which the fine-tuned model did not beat the base (a resampling share, not a p-value; fewer
+# empty/looping answers count as better; lengths have no better direction). *Advises a professional* counts
+# advice ("talk to your doctor", "seek medical attention"), not mentions ("doctors diagnose it with an MRI");
+# *reference answers* gives how often the test set's own answers do so: the rate fine-tuning should approach.
 
 # %%
 evaluation.comparison_table(result)

@@ -33,6 +33,20 @@ def padded_causal_mask(t: int, lengths: list[int]) -> torch.Tensor:
     return (causal[None] & keys[:, None, :])[:, None]
 
 
+@pytest.fixture
+def matmul_calls(monkeypatch):
+    """The shapes of the queries that went through matmul attention (a spy on the module's function,
+    which auto_attention_forward looks up at call time), with torch on one thread so that the matmul
+    path's key limit (320 // threads) admits these short batches on any machine."""
+    calls = []
+    real = attention.matmul_attention
+    monkeypatch.setattr(attention, "matmul_attention", lambda *a, **kw: calls.append(tuple(a[1].shape)) or real(*a, **kw))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield calls
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
 def test_matmul_attention_equals_sdpa_values_and_gradients(mask_kind):
     t = 12
@@ -63,21 +77,19 @@ def test_causal_mask_is_aligned_to_the_last_key_like_sdpa():
         q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1)).transpose(1, 2))
 
 
-def test_auto_takes_the_matmul_path_only_for_short_cpu_training_calls(monkeypatch):
-    calls = []
-    real = attention.matmul_attention
-    monkeypatch.setattr(attention, "matmul_attention", lambda *a, **kw: calls.append("matmul") or real(*a, **kw))
+def test_auto_takes_the_matmul_path_only_for_short_cpu_training_calls(matmul_calls):
+    calls = matmul_calls
     short = qkv(8)
     long = qkv(attention.matmul_max_keys() + 1)
     attention.auto_attention_forward(module(), *short, None, scaling=0.25)
-    assert calls == ["matmul"]
+    assert calls == [(B, H, 8, D)]
     attention.auto_attention_forward(module(), *long, None, scaling=0.25)  # long batch: SDPA
     attention.auto_attention_forward(module(training=False), *short, None, scaling=0.25)  # eval: SDPA
     with torch.no_grad():
         attention.auto_attention_forward(module(), *short, None, scaling=0.25)  # no graph: SDPA
     with pytest.raises(ValueError, match="softcap"):  # not matmul attention's formula: SDPA's own error, as before
         attention.auto_attention_forward(module(), *short, None, scaling=0.25, softcap=30.0)
-    assert calls == ["matmul"]
+    assert calls == [(B, H, 8, D)]
 
 
 def test_the_matmul_limit_shrinks_with_threads():
@@ -100,7 +112,7 @@ def _tiny_llama(attn: str):
     return LlamaForCausalLM(config).double()
 
 
-def test_a_registered_model_trains_as_with_sdpa():
+def test_a_registered_model_trains_as_with_sdpa(matmul_calls):
     ids = torch.randint(0, 50, (2, 10), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0  # right padding, as the trainer's collator makes it
@@ -109,8 +121,12 @@ def test_a_registered_model_trains_as_with_sdpa():
     for attn in (attention.register(), "sdpa"):
         model = _tiny_llama(attn).train()
         assert model.config._attn_implementation == attn
+        matmul_calls.clear()
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
+        # the comparison means something only if the registered model really took the matmul path
+        head_dim = model.config.hidden_size // model.config.num_attention_heads
+        assert matmul_calls == ([(B, H, 10, head_dim)] * 2 if attn == attention.NAME else []), attn
         results.append((loss.detach(), [p.grad for p in model.parameters()]))
     (loss_a, grads_a), (loss_b, grads_b) = results
     torch.testing.assert_close(loss_a, loss_b)

@@ -1,12 +1,15 @@
 import json
+import re
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from hb_utils import data, eda
+from hb_utils import data, eda, split
 from hb_utils.config import load_config
 from hb_utils.errors import DataError, RunError
 from hb_utils.run_dir import RunPaths
+from tests.conftest import ROOT
 
 
 def cfg_for(source, tmp_path, **kw):
@@ -43,10 +46,170 @@ def test_grouped_split_has_no_leakage_and_is_deterministic(release, tmp_path, sp
     a = data.prepare_splits(cfg, write=False)
     b = data.prepare_splits(cfg, write=False)
     assert a.records == b.records
-    assert a.stats["split"]["leakage"] == {"val_questions_in_train": 0, "test_questions_in_train": 0}
-    keys = {n: set(data.group_keys(f, split_by)) for n, f in a.frames.items()}
-    assert not keys["train"] & keys["test"] and not keys["train"] & keys["val"] and not keys["val"] & keys["test"]
+    leak = a.stats["split"]["leakage"]
+    assert set(leak) == {f"{s}_{k}_in_train" for s in ("val", "test")
+                         for k in ("questions", "answers", "near_duplicate_answers")}
+    assert not any(leak.values())
+    assert_groups_in_one_split(a.frames, split_by)
     assert sum(a.stats["split"]["sizes"].values()) == 36
+
+
+def assert_groups_in_one_split(frames, split_by):
+    """Every group of the whole sample (computed on all splits together) lies in exactly one split."""
+    sample = pd.concat([f.assign(_split=name) for name, f in frames.items()], ignore_index=True)
+    splits_per_group = sample.groupby(split.group_keys(sample, split_by))["_split"].nunique()
+    assert (splits_per_group == 1).all(), splits_per_group[splits_per_group > 1]
+
+
+# --------------------------------------------------------------------------- planted answer duplicates
+def words(tag, n):
+    """n distinct made-up words: texts built from them share no shingle by accident."""
+    return [f"{tag}w{i}" for i in range(n)]
+
+
+def jaccard5(a, b):
+    """Word 5-gram Jaccard, written out here (independently of hb_utils.data) to document the plants."""
+    grams = [{tuple(t.lower().split()[i:i + 5]) for i in range(len(t.split()) - 4)} for t in (a, b)]
+    return len(grams[0] & grams[1]) / len(grams[0] | grams[1])
+
+
+BOILER = " ".join(words("boiler", 40)) + "."
+NEAR = words("near", 60)
+NEAR_1 = " ".join(NEAR)  # NEAR_2 changes one word of 60: Jaccard (51 - 5) / (51 + 5) = 0.82
+NEAR_2 = " ".join(NEAR[:30] + ["changed"] + NEAR[31:])
+NEAR_3 = " ".join(NEAR[:30] + ["changed"] + NEAR[31:50] + ["again"] + NEAR[51:])  # 0.82 to NEAR_2, 0.67 to NEAR_1
+FAR = " ".join(w if i % 7 else "other" for i, w in enumerate(NEAR))  # 9 words changed: not a duplicate
+PLANTED = [  # (question, focus, answer)
+    ("What is alpha disease?", "Alpha", "Shared answer " + " ".join(words("shared", 30)) + "."),
+    ("How is beta syndrome treated?", "Beta", "shared ANSWER, " + " ".join(words("shared", 30)) + " !"),
+    ("What causes gamma?", "Gamma", NEAR_1),
+    ("Is delta inherited?", "Delta", NEAR_2),
+    ("What are the outlooks for epsilon?", "Epsilon", NEAR_3),
+    ("Who gets zeta?", "Zeta", FAR),
+    *[(f"How many people have condition {i}?", f"Condition {i}", BOILER) for i in range(8)],
+]
+PLANTED_GROUPS = [[0, 1], [2, 3, 4], list(range(6, 14))]  # FAR (row 5) stays alone
+
+
+def planted_frame(n_filler=60):
+    rows = [{"question": q, "question_focus": f, "answer": a} for q, f, a in PLANTED]
+    rows += [{"question": f"What is filler topic {i} about?", "question_focus": f"Filler {i}",
+              "answer": " ".join(words(f"f{i}", 25)) + "."} for i in range(n_filler)]
+    df = pd.DataFrame(rows)
+    df["question_id"] = [f"q{i}" for i in range(len(df))]
+    return df
+
+
+def test_planted_texts_are_what_the_tests_say():
+    assert jaccard5(NEAR_1, NEAR_2) >= 0.8 and jaccard5(NEAR_2, NEAR_3) >= 0.8
+    assert jaccard5(NEAR_1, NEAR_3) < 0.8 and jaccard5(NEAR_1, FAR) < 0.8
+
+
+@pytest.mark.parametrize("split_by", ["question", "focus"])
+def test_shared_and_near_duplicate_answers_join_one_group(split_by):
+    df = planted_frame()
+    grouping = split.group_pairs(df, split_by)
+    keys = grouping.keys
+    for rows in PLANTED_GROUPS:  # same answer / one word changed (and a chain of two) / boilerplate
+        assert keys[rows].nunique() == 1, rows
+    assert keys[[g[0] for g in PLANTED_GROUPS] + [5]].nunique() == len(PLANTED_GROUPS) + 1
+    assert keys[len(PLANTED):].is_unique  # fillers share nothing
+    summary = grouping.summary()
+    assert summary["pairs_regrouped"] == sum(len(g) for g in PLANTED_GROUPS) == 13
+    assert summary["plain_groups"] == len(df) and summary["groups"] == len(df) - 13 + 3
+    assert summary["largest_group"] == 8
+    row = split.group_pairs(df, "row").summary()
+    assert row["groups"] == len(df) and row["pairs_regrouped"] == 0
+
+
+def test_near_duplicate_groups_equal_brute_force_components_at_the_threshold():
+    # 25 answers of 200 random words, each with 4 variants that change 3..6 words: Jaccards around 0.75-0.86,
+    # many right at 0.8, where LSH is least sure. The groups must be exactly the components of J >= 0.8.
+    rng = np.random.default_rng(0)
+    answers = []
+    for base in range(25):
+        text = [f"v{x}" for x in rng.integers(0, 5000, 200)]
+        answers.append(text)
+        for changed in rng.integers(3, 7, 4):
+            variant = list(text)
+            for pos in rng.choice(200, changed, replace=False):
+                variant[pos] = f"new{base}x{pos}"
+            answers.append(variant)
+    grams = [{tuple(a[i:i + 5]) for i in range(len(a) - 4)} for a in answers]  # written out here, as jaccard5
+    jac = {(i, j): len(grams[i] & grams[j]) / len(grams[i] | grams[j])
+           for i in range(len(answers)) for j in range(i + 1, len(answers))}
+    assert sum(0.8 <= v < 0.82 for v in jac.values()) >= 10 and sum(0.78 <= v < 0.8 for v in jac.values()) >= 5
+    parent = list(range(len(answers)))  # brute-force components
+
+    def root(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for (i, j), v in jac.items():
+        if v >= 0.8:
+            parent[root(i)] = root(j)
+    df = pd.DataFrame({"question": [f"What is item {i}?" for i in range(len(answers))],
+                       "answer": [" ".join(a) for a in answers]})
+    keys = split.group_keys(df, "question")
+    expected = pd.Series([root(i) for i in range(len(answers))])
+    assert keys.groupby(expected).nunique().eq(1).all() and expected.groupby(keys).nunique().eq(1).all()
+
+
+def test_a_question_asked_twice_is_one_plain_group():
+    df = planted_frame(4)
+    df.loc[len(df)] = {"question": "what is ALPHA disease", "question_focus": "Alpha", "answer": "Another answer.",
+                       "question_id": "again"}
+    summary = split.group_pairs(df, "question").summary()
+    assert summary["plain_groups"] == len(df) - 1
+    assert summary["pairs_regrouped"] == 14  # the repeated question joins the shared-answer group
+
+
+@pytest.mark.parametrize("split_by", ["question", "focus"])
+def test_planted_duplicates_never_cross_splits(tmp_path, split_by):
+    df = planted_frame()
+    df.to_json(tmp_path / "planted.jsonl", orient="records", lines=True)
+    base = cfg_for(tmp_path / "planted.jsonl", tmp_path, split_by=split_by, sample_size=len(df),
+                   train_frac=0.6, val_frac=0.2, test_frac=0.2)
+    row_leaks = 0
+    for seed in range(6):
+        cfg = base.replace(split_seed=seed, sample_seed=seed)
+        prepared = data.prepare_splits(cfg, write=False)
+        where = {q: name for name, frame in prepared.frames.items() for q in frame["question_id"]}
+        for rows in PLANTED_GROUPS:
+            assert len({where[f"q{i}"] for i in rows}) == 1, (seed, rows)
+        st = prepared.stats["split"]
+        assert not any(st["leakage"].values()), st["leakage"]
+        assert st["grouping"]["pairs_regrouped"] == 13
+        row_leaks += st["leakage_if_split_by_row"]["test_near_duplicate_answers_in_train"]
+    assert row_leaks > 0  # the same sample split by row does leak the planted answers
+
+
+def test_leakage_counts_each_kind_of_overlap():
+    def frame(pairs):
+        return pd.DataFrame(pairs, columns=["question", "answer"])
+
+    shared = PLANTED[0][2]
+    splits = {"train": frame([("What is alpha disease?", shared), ("Q gamma?", NEAR_1)]),
+              "val": frame([("what is alpha disease", "A new answer here."), ("Q other?", shared.upper())]),
+              "test": frame([("Q delta?", NEAR_2), ("Q zeta?", FAR), ("Q epsilon?", NEAR_3)])}
+    assert split.leakage(splits) == {
+        "val_questions_in_train": 1, "val_answers_in_train": 1, "val_near_duplicate_answers_in_train": 1,
+        "test_questions_in_train": 0, "test_answers_in_train": 0, "test_near_duplicate_answers_in_train": 1}
+    table = split.leakage_table({"by": "question", "sizes": {"train": 2, "val": 2, "test": 3},
+                                "leakage": split.leakage(splits), "leakage_if_split_by_row": split.leakage(splits)})
+    assert list(table.columns) == ["pairs", "split_by=question", "split_by=row (original)"]
+    assert table.shape == (6, 3) and table.loc[("test", "same answer"), "pairs"] == 3
+    assert table.xs("val")["split_by=question"].tolist() == [1, 1, 1]
+
+
+def test_one_boilerplate_group_too_big_for_any_split_says_so(tmp_path):
+    df = pd.DataFrame({"question": [f"How common is condition {i}?" for i in range(10)], "answer": BOILER})
+    df.to_json(tmp_path / "boiler.jsonl", orient="records", lines=True)
+    cfg = cfg_for(tmp_path / "boiler.jsonl", tmp_path, sample_size=10)
+    with pytest.raises(DataError, match="val split is empty.*1 groups.*largest has 10 pairs.*Raise sample_size"):
+        data.prepare_splits(cfg, write=False)
+    assert data.prepare_splits(cfg.replace(split_by="row"), write=False).stats["split"]["sizes"]["test"] == 1
 
 
 def test_row_split_reports_the_leakage_it_leaves(release, tmp_path):
@@ -171,5 +334,41 @@ def test_full_medquad_release(medquad):
     assert 13_000 < len(clean) < 14_000
     for split_by in ("question", "focus"):
         st = data.prepare_splits(cfg.replace(split_by=split_by), write=False, raw=df, raw_info=info).stats
-        assert st["split"]["leakage"] == {"val_questions_in_train": 0, "test_questions_in_train": 0}
+        assert not any(st["split"]["leakage"].values()), st["split"]["leakage"]
         assert st["sample"]["drawn"] == 1500
+
+
+def _own_words(text):
+    """This test's own normalisation (not hb_utils.data's): lowercase, runs of non-alphanumerics → one space."""
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+
+
+def _own_overlap(held_out, train):
+    """(exact, near-duplicate) answer overlap of held_out with train, brute force over every pair."""
+    train_words = [_own_words(a) for a in train]
+    exact_train = {" ".join(w) for w in train_words}
+    grams = [{tuple(w[i:i + 5]) for i in range(max(1, len(w) - 4))} for w in train_words]
+    exact = near = 0
+    for answer in held_out:
+        w = _own_words(answer)
+        exact += " ".join(w) in exact_train
+        mine = {tuple(w[i:i + 5]) for i in range(max(1, len(w) - 4))}
+        # Jaccard >= 0.8 <=> |A & B| >= 0.8 |A | B| = 0.8 (|A| + |B| - |A & B|); it needs 0.8 |B| <= |A| <= |B| / 0.8
+        near += any(0.8 * len(g) <= len(mine) <= len(g) / 0.8
+                    and (i := len(mine & g)) >= 0.8 * (len(mine) + len(g) - i) for g in grams)
+    return exact, near
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_experiment1_split_leaks_no_answer_by_an_independent_check(medquad):
+    df, info = data.load_raw(str(medquad))
+    cfg = load_config(ROOT / "params" / "exp1.yaml", dataset=str(medquad))
+    for split_by in ("question", "focus", "row"):
+        frames = data.prepare_splits(cfg.replace(split_by=split_by), write=False, raw=df, raw_info=info).frames
+        assert {k: len(v) for k, v in frames.items()} == {"train": 1200, "val": 150, "test": 150}
+        overlap = {name: _own_overlap(frames[name]["answer"], frames["train"]["answer"]) for name in ("val", "test")}
+        if split_by == "row":  # the check can see leakage: the original split has some
+            assert overlap["test"][0] > 0 and overlap["test"][1] > overlap["test"][0], overlap
+        else:
+            assert overlap == {"val": (0, 0), "test": (0, 0)}, (split_by, overlap)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -103,17 +105,37 @@ def test_compare_systems_covers_every_metric():
     assert "p_not_better" not in out["words"]["delta"]  # length has no better direction
 
 
-@pytest.mark.parametrize("text", [
-    "Please consult your doctor.", "Talk to a healthcare provider before changing doses.",
-    "A physician can help.", "Seek medical attention if symptoms persist.", "see your pharmacist",
-])
-def test_disclaimer_positive(text):
-    assert M.has_disclaimer(text)
+def _labelled_advice():
+    """tests/data/advice_sentences.txt: label<TAB>sentence, 1 = advises seeing a professional."""
+    rows = []
+    for line in (Path(__file__).parent / "data" / "advice_sentences.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            label, sentence = line.split("\t")
+            rows.append((sentence, label == "1"))
+    return rows
 
 
-@pytest.mark.parametrize("text", ["Type 2 diabetes raises blood sugar.", "The capital of France is Paris.", ""])
-def test_disclaimer_negative(text):
-    assert not M.has_disclaimer(text)
+ADVICE = _labelled_advice()
+
+
+def test_the_labelled_advice_list_is_big_enough():
+    assert sum(label for _, label in ADVICE) >= 30 and sum(not label for _, label in ADVICE) >= 30
+    assert len({s for s, _ in ADVICE}) == len(ADVICE)
+
+
+@pytest.mark.parametrize(("text", "advice"), ADVICE, ids=[s[:40] for s, _ in ADVICE])
+def test_advice_not_mentions(text, advice):
+    assert M.advises_professional(text) is advice
+    assert M.has_disclaimer(text) is advice  # the evaluation's per-example flag is the same thing
+    assert M.advises_professional(f"Fever is common. {text} It passes.") is advice  # inside a longer answer
+
+
+def test_reference_advice_rate_is_the_baseline_with_the_systems_resamples():
+    refs = ["Talk to your doctor about it.", "Doctors diagnose it with a scan.", "Seek medical help now.", "Rest."]
+    rate = M.reference_advice_rate(refs, samples=200, seed=5)
+    assert rate["value"] == pytest.approx(0.5)
+    assert rate == M.bootstrap_ci(M.mean_statistic(np.array([1.0, 0.0, 1.0, 0.0])), 4, samples=200, seed=5)
+    assert 0.0 <= rate["ci_low"] < 0.5 < rate["ci_high"] <= 1.0
 
 
 @pytest.mark.parametrize("text", [

@@ -217,6 +217,61 @@ def test_compact_log_prints_one_line_per_event(capsys):
     assert out[1] == "[eval]  step 3/10 | val loss 1.5000"
 
 
+def _tiny_trainer(tmp_path):
+    """SupervisedLogitsSFTTrainer on a randomly initialised 2-layer Llama and a 20-word tokenizer: the
+    real TRL code path in a second, without loading SmolLM2."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = "<pad> <eos> <unk> system user assistant : what is condition a b c rest helps the heart".split()
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} <eos> {% endfor %}"
+                         "{% if add_generation_prompt %}assistant : {% endif %}")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=1))
+    with torch.no_grad():  # predict "rest" where h . w > 0, else "<pad>": some supervised tokens right, some wrong
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[vocab.index("rest")] = torch.randn(32)
+    records = [record(f"what is condition {c}", "rest rest rest helps the heart" if i % 2 else "rest helps")
+               for i, c in enumerate("abcabc")]
+    cfg = small_cfg(tmp_path, compute_dtype="fp32", gradient_checkpointing=False, optim="adamw_torch")
+    args = training.build_sft_config(cfg, output_dir=tmp_path / "ck", has_eval=False, compute_dtype=torch.float32)
+    trainer = training.SupervisedLogitsSFTTrainer(model=model, args=args, processing_class=tok,
+                                                  train_dataset=training.to_prompt_completion(records))
+    return trainer, next(iter(trainer.get_train_dataloader()))
+
+
+def test_supervised_logits_trainer_logs_token_accuracy_and_tokens_like_trl(tmp_path):
+    from trl import SFTTrainer
+
+    trainer, batch = _tiny_trainer(tmp_path)
+    model = trainer.model.train()
+    tokens = int(batch["attention_mask"].sum())
+    with torch.no_grad():  # the accuracy, computed here from the full logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        target = batch["labels"][:, 1:]
+        accuracy = float((logits.argmax(-1) == target)[target != -100].float().mean())
+    assert 0 < accuracy < 1
+    SFTTrainer.compute_loss(trainer, model, dict(batch))  # what TRL itself logs for this batch
+    trls = {k: list(v) for k, v in trainer._metrics["train"].items()}
+    trainer._metrics["train"].clear()
+    trainer.compute_loss(model, dict(batch))
+    ours = trainer._metrics["train"]
+    assert trls["mean_token_accuracy"] == pytest.approx([accuracy]) == ours["mean_token_accuracy"]
+    assert trls["num_tokens"] == [tokens] and ours["num_tokens"] == [2 * tokens]  # a running total, as in TRL
+    model.eval()  # evaluation logs the accuracy and leaves the training token count alone
+    trainer.compute_loss(model, dict(batch))
+    assert trainer._metrics["eval"]["mean_token_accuracy"] == pytest.approx([accuracy])
+    assert trainer._metrics["eval"]["num_tokens"] == [2 * tokens]
+    model.train()
+    logs = {"loss": 1.0}
+    trainer.log(logs)
+    assert logs["mean_token_accuracy"] == pytest.approx(accuracy) and logs["num_tokens"] == 2 * tokens
+
+
 # --------------------------------------------------------------------------- slow: the real model
 @pytest.fixture(autouse=True)
 def one_thread(request):
