@@ -41,6 +41,10 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # so changing an evaluation parameter never invalidates a split or an adapter, and a new field cannot be
 # forgotten in a hand-kept list (a test checks every field has exactly one scope).
 SCOPES = ("data", "train", "eval", "run")
+# Bump when the same data parameters produce different split files (the grouping changed), so splits and
+# adapters made by the old method are not reused as "the same config". 2: answers and near-duplicate answers
+# join groups (hb_utils.split).
+SPLIT_METHOD_VERSION = 2
 FINGERPRINT_SCOPES = {"data": ("data",), "train": ("data", "train"), "eval": ("data", "train", "eval")}
 
 
@@ -173,7 +177,8 @@ class ExperimentConfig:
         if scope not in FINGERPRINT_SCOPES:
             raise ValueError(f"unknown fingerprint scope {scope!r}; expected one of {', '.join(FINGERPRINT_SCOPES)}")
         names = fields_in(*FINGERPRINT_SCOPES[scope])
-        payload = json.dumps({n: getattr(self, n) for n in names}, sort_keys=True)
+        payload = json.dumps({"split_method": SPLIT_METHOD_VERSION, **{n: getattr(self, n) for n in names}},
+                             sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
     def fingerprints(self) -> dict[str, str]:

@@ -19,8 +19,10 @@
 # Each answer gets simple, documented flags (heuristics, to guide reading — not a grade):
 #
 # * **stopped** — ended by itself (end of turn) before the token limit;
-# * **disclaimer** — advises a doctor / physician / healthcare professional, or to consult / seek medical help
-#   (`hb_utils.metrics.DISCLAIMER_PATTERNS`);
+# * **disclaimer** — advises seeing a professional: an imperative or recommendation (see / talk to / ask /
+#   contact / seek …, "should see", "is recommended") whose object is a doctor, nurse, pharmacist, specialist,
+#   health care provider …, or to seek medical help (`hb_utils.metrics.ADVICE_PATTERNS`); a mere mention
+#   ("Doctors diagnose it with an MRI") does not count;
 # * **on topic** (in-domain) — mentions a content word of the prompt (first five letters, stop words ignored);
 # * **declined** (out-of-domain) — refuses or redirects ("I'm sorry", "I can't", "outside my scope",
 #   "I only answer health questions" …);

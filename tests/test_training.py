@@ -238,9 +238,9 @@ def _tiny_trainer(tmp_path):
     records = [record(f"what is condition {c}", "rest rest rest helps the heart" if i % 2 else "rest helps")
                for i, c in enumerate("abcabc")]
     cfg = small_cfg(tmp_path, compute_dtype="fp32", gradient_checkpointing=False, optim="adamw_torch")
-    args = training.build_sft_config(cfg, output_dir=tmp_path / "ck", has_eval=False, compute_dtype=torch.float32)
-    trainer = training.SupervisedLogitsSFTTrainer(model=model, args=args, processing_class=tok,
-                                                  train_dataset=training.to_prompt_completion(records))
+    args = trl_setup.build_sft_config(cfg, output_dir=tmp_path / "ck", has_eval=False, compute_dtype=torch.float32)
+    trainer = SupervisedLogitsSFTTrainer(model=model, args=args, processing_class=tok,
+                                                  train_dataset=trl_setup.to_prompt_completion(records))
     return trainer, next(iter(trainer.get_train_dataloader()))
 
 
