@@ -171,7 +171,10 @@ def compare_runs(run_dirs: list[str], out_dir: str | None = None, *, report: boo
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise RunError(f"Run names repeat ({', '.join(names)}): compare runs with different experiment names.")
-    out = run_dir.resolve(out_dir or "outputs/compare")
+    # The comparison folder is held to the run directories' rule: never the filesystem root, the home
+    # directory or a folder the kit did not make.
+    out = run_dir.claim_dir(run_dir.check_output_root(out_dir or "outputs/compare", "--out", "--out outputs/compare"),
+                            made_by="hb compare", what="comparison folder")
     files = write_tables(runs, out)
     if report:
         from hb_utils.report import execute, to_html
