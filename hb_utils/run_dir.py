@@ -86,25 +86,34 @@ def check_output_root(output_root: str | os.PathLike[str], name: str = "output_r
 
 def is_kit_dir(path: Path) -> bool:
     """True when ``path`` is a directory the kit created: it holds :data:`MARKER`, or (runs made before the
-    marker existed) a ``config.json`` written by ``hb run``."""
+    marker existed) a ``config.json`` written by ``hb run`` or a stamped split or adapter."""
     if (path / MARKER).is_file():
         return True
-    try:
-        legacy = read_json(path / "config.json")
-    except (OSError, ValueError):
-        return False
-    return isinstance(legacy, dict) and isinstance(legacy.get("config"), dict) and "fingerprints" in legacy
+    for rel, shape in (("config.json", ("config", "fingerprints")), ("data/stats.json", ("stamp",)),
+                       ("adapter/hb_meta.json", ("stamp",))):
+        try:
+            legacy = read_json(path / rel)
+        except (OSError, ValueError):
+            continue
+        if isinstance(legacy, dict) and all(isinstance(legacy.get(k), dict) for k in shape):
+            return True
+    return False
 
 
-def claim_dir(path: Path, *, made_by: str, what: str = "run directory") -> Path:
-    """Create ``path`` and mark it as the kit's, or accept it when the kit made it; RunError for anything
-    else that exists (a user's folder, a file): it is never written into."""
+def check_claimable(path: Path, what: str = "run directory") -> None:
+    """RunError unless ``path`` is free, an empty folder, or a folder the kit made (reads only)."""
     if path.exists() and not path.is_dir():
         raise RunError(f"{path} is a file, not a {what}; it is left alone. Choose another experiment name.")
     if path.is_dir() and any(path.iterdir()) and not is_kit_dir(path):
         raise RunError(f"{path} exists and was not made by this kit (it has no {MARKER}), so nothing is written "
                        "into it, moved or replaced, even with --overwrite. Choose another experiment name "
                        "(-p experiment NAME) or output_root.")
+
+
+def claim_dir(path: Path, *, made_by: str, what: str = "run directory") -> Path:
+    """Create ``path`` and mark it as the kit's, or accept it when the kit made it; RunError for anything
+    else that exists (a user's folder, a file): it is never written into."""
+    check_claimable(path, what)
     path.mkdir(parents=True, exist_ok=True)
     if not (path / MARKER).is_file():
         write_json(path / MARKER, {"kit": "hb_utils", "what": what, "created": utc_now(), "made_by": made_by})

