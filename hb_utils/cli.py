@@ -1,11 +1,13 @@
 """The ``hb`` command (also ``python -m hb_utils``).
 
-    hb run params/smoke.yaml [-p lora_r 16 ...] [--from 03 | --only 04] [--overwrite]
+    hb run params/smoke.yaml [-p lora_r 16 ...] [-r name text] [-y 'yaml'] [--from 03 | --only 04] [--overwrite]
     hb compare outputs/smoke outputs/smoke_r16 [--out outputs/compare]
 
-Why: papermill only warns on unknown parameters and reads YAML 1.1; ``hb run`` validates the whole
-config before any notebook starts and exits with status 2 naming the bad parameter, status 1 when
-a notebook fails (its partial report is kept), 0 when every stage finished.
+Why: papermill only warns on unknown parameters; ``hb run`` validates the whole config before any
+notebook starts and exits with status 2 naming the bad parameter, status 1 when a notebook fails (its
+partial report is kept), 130 on Ctrl-C (one line: the stage, the last checkpoint, how to resume), 0 when
+every stage finished. ``-p``/``-r``/``-y`` read values exactly as papermill's options of the same names,
+so a value means the same to ``hb run`` and to ``papermill``.
 """
 
 from __future__ import annotations

@@ -112,6 +112,9 @@ def load_predictions(cfg: ExperimentConfig) -> pd.DataFrame:
     rows = read_jsonl(path)
     stale = {r["fingerprint"] for r in rows} - {cfg.fingerprint("eval")}
     if stale:
+        found = run_dir.read_stamp(run.metrics / "eval.json")  # written with them: names the parameters
+        if found and (found.get("fingerprints") or {}).get("eval") in stale:
+            run_dir.require(found, cfg, "eval", what=path, fix="Rerun 04_evaluate with this config.")
         raise RunError(f"{path} was made by another config "
                                   f"({', '.join(sorted(stale))}); rerun 04_evaluate with this config.")
     flat = []

@@ -389,6 +389,10 @@ CASES = [
     Case("compare-out-is-a-user-folder", lambda w: hb("compare", w.out / "a", w.out / "b", "--out", w.decoy), 2,
          (r"decoy exists and was not made by this kit",), setup=lambda w: (compare_run(w, "a"), compare_run(w, "b")),
          item="1"),
+    Case("compare-into-its-own-old-folder", lambda w: hb("compare", w.out / "a", w.out / "b", "--no-report", "--out",
+                                                         w.out / "cmp"), 0, (r"markdown .*cmp/comparison.md",),
+         setup=lambda w: (compare_run(w, "a"), compare_run(w, "b"), w.write("outputs/cmp/comparison.md", "old")),
+         may_change=("outputs/cmp",), check=lambda w: (w.out / "cmp" / run_dir.MARKER).is_file(), item="1"),
     # ---- item 2: -p values read as papermill reads them
     Case("p-value-with-hash-kept", lambda w: run_base(w, *p("experiment", "lr_test #2"), "--only", "01"), 0, (),
          may_change=("outputs/lr_test #2",),
@@ -692,3 +696,28 @@ def test_ctrl_c_prints_one_line_and_marks_the_stage(tmp_path):
     assert stderr.strip().splitlines() == ["interrupted during 02_b; rerun the same command to resume."], stderr
     assert "Traceback" not in stdout + stderr
     assert json.loads(conf.read_text())["stages"]["02_b"]["status"] == "interrupted"
+
+
+@pytest.mark.slow
+def test_hb_run_reevaluates_a_finished_run_without_retraining(smoke_series, tmp_path):
+    """`hb run ... -p eval_size N --only 04` on a finished run (a copy of the smoke series): 04 reruns on the
+    same adapter, 03's files stay as they were, the previous metrics and report are kept aside."""
+    import shutil
+
+    from tests.conftest import SMOKE, as_flags
+    from tests.conftest import hb as hb_process
+
+    shutil.copytree(smoke_series.root / "outputs", tmp_path / "outputs")
+    params = {**smoke_series.params, "output_root": str(tmp_path / "outputs")}
+    run = run_dir.RunPaths.for_config(load_config(SMOKE, **params))
+    adapter_before = snapshot(run.adapter)
+    train_before = (run.metrics / "train.json").read_bytes()
+    proc = hb_process("run", str(SMOKE), *as_flags({**params, "eval_size": 2, "ppl_size": 2}), "--only", "04")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "the adapter is reused and 04/05 rerun" in proc.stdout
+    assert snapshot(run.adapter) == adapter_before and (run.metrics / "train.json").read_bytes() == train_before
+    kept = run.metrics / "previous" / smoke_series.cfg.fingerprint("eval")
+    assert (kept / "eval.json").is_file() and (kept / "04_evaluate.html").is_file()
+    conf = json.loads(run.config_json.read_text())
+    assert conf["config"]["eval_size"] == 2 and conf["stages"]["04_evaluate"]["status"] == "done"
+    assert json.loads((run.metrics / "eval.json").read_text())["settings"]["eval_examples"] == 2
