@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--from", dest="start", metavar="NN", help="(re)run from this stage on, e.g. --from 03")
     group.add_argument("--only", metavar="NN", help="(re)run just this stage, e.g. --only 04")
     run.add_argument("--overwrite", action="store_true",
-                     help="replace a run of a different config in the same directory (the old one is kept aside)")
+                     help="replace a run whose data or training parameters differ (the old run directory is "
+                          "renamed aside, never deleted; a folder the kit did not make is never moved)")
     run.add_argument("--kernel", default="python3", help="Jupyter kernel to execute with (default: python3)")
     cmp = sub.add_parser("compare", help="compare finished runs")
     cmp.add_argument("runs", nargs="+", help="run directories, e.g. outputs/exp1 outputs/exp2")

@@ -123,6 +123,7 @@ def open_run(cfg: ExperimentConfig, *, overwrite: bool = False, echo: Any = prin
             return state
         finished = [s for s, v in (old.get("stages") or {}).items() if v.get("status") == "done"]
         if not finished:
+            run_dir.claim_dir(root, made_by="hb run")
             payload = _fresh_payload(cfg)
             payload["previous_attempts"] = [*old.get("previous_attempts", []), {
                 k: old.get(k) for k in ("fingerprints", "created", "stages")}]
