@@ -1,31 +1,55 @@
 """The ``hb`` command (also ``python -m hb_utils``).
 
-    hb run params/smoke.yaml [-p lora_r 16 ...] [--from 03 | --only 04] [--overwrite]
+    hb run params/smoke.yaml [-p lora_r 16 ...] [-r name text] [-y 'yaml'] [--from 03 | --only 04] [--overwrite]
     hb compare outputs/smoke outputs/smoke_r16 [--out outputs/compare]
 
-Why: papermill only warns on unknown parameters and reads YAML 1.1; ``hb run`` validates the whole
-config before any notebook starts and exits with status 2 naming the bad parameter, status 1 when
-a notebook fails (its partial report is kept), 0 when every stage finished.
+Why: papermill only warns on unknown parameters; ``hb run`` validates the whole config before any
+notebook starts and exits with status 2 naming the bad parameter, status 1 when a notebook fails (its
+partial report is kept), 130 on Ctrl-C (one line: the stage, the last checkpoint, how to resume), 0 when
+every stage finished. ``-p``/``-r``/``-y`` read values exactly as papermill's options of the same names,
+so a value means the same to ``hb run`` and to ``papermill``.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
-import yaml
-
-from hb_utils.errors import HBError
+from hb_utils.errors import ConfigError, HBError
 
 
-def _parse_value(text: str) -> object:
-    """A ``-p`` value as YAML would read it (numbers, booleans, lists); the config then validates it."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+def parse_overrides(parameters: Sequence[Sequence[str]] = (), yamls: Sequence[str] = (),
+                    raws: Sequence[Sequence[str]] = ()) -> dict[str, Any]:
+    """``-y``, ``-p`` and ``-r`` values exactly as ``papermill`` reads them, in papermill's order.
+
+    Why papermill's rule and not YAML: YAML turned ordinary text into something else (``lr_test #2`` lost
+    its comment, ``a: b`` became a dict, a newline a space), and the same ``-p`` given to ``papermill``
+    gave another value. ``-p`` goes through papermill's own ``_resolve_type`` (True/False/None, int, float,
+    else the text as typed); ``-y`` is a YAML mapping (papermill's loader); ``-r`` is always the raw text.
+    The config then coerces by field type; where papermill's rule would change typed text (``-p experiment
+    007`` reads as the number 7), this refuses and names ``-r``.
+    """
+    from papermill.cli import _resolve_type  # the function behind `papermill -p`
+
+    from hb_utils.config import FIELDS, parse_params_yaml, type_name
+
+    values: dict[str, Any] = {}
+    for text in yamls:
+        values.update(parse_params_yaml(text, f"-y {text!r}"))
+    for name, text in parameters:
+        value = _resolve_type(text)
+        if (name in FIELDS and type_name(FIELDS[name]) == "str" and isinstance(value, int)
+                and not isinstance(value, bool) and str(value) != text):
+            raise ConfigError(f"-p {name} {text!r} reads as the number {value} (papermill's -p rule), which would "
+                              f"become {str(value)!r}. Pass -r {name} {shlex.quote(text)} to keep the text as typed.")
+        values[name] = value
+    for name, text in raws:
+        values[name] = text
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,12 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="execute notebooks 01-05 for one experiment")
     run.add_argument("params", help="parameter file, e.g. params/smoke.yaml")
     run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                     help="override one parameter (repeatable), e.g. -p lora_r 16")
+                     help="override one parameter (repeatable), read as papermill -p reads it: True/False/None, "
+                          "a number, else the text as typed; e.g. -p lora_r 16 -p experiment 'lr_test #2'")
+    run.add_argument("-r", "--parameter-raw", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                     help="override one parameter with the raw text (as papermill -r), e.g. -r experiment 007")
+    run.add_argument("-y", "--parameters-yaml", action="append", default=[], metavar="YAML",
+                     help="parameters as a YAML mapping (as papermill -y), e.g. -y 'prompts: [Is tea healthy?]'")
     group = run.add_mutually_exclusive_group()
     group.add_argument("--from", dest="start", metavar="NN", help="(re)run from this stage on, e.g. --from 03")
     group.add_argument("--only", metavar="NN", help="(re)run just this stage, e.g. --only 04")
     run.add_argument("--overwrite", action="store_true",
-                     help="replace a run of a different config in the same directory (the old one is kept aside)")
+                     help="replace a run whose data or training parameters differ (the old run directory is "
+                          "renamed aside, never deleted; a folder the kit did not make is never moved)")
     run.add_argument("--kernel", default="python3", help="Jupyter kernel to execute with (default: python3)")
     cmp = sub.add_parser("compare", help="compare finished runs")
     cmp.add_argument("runs", nargs="+", help="run directories, e.g. outputs/exp1 outputs/exp2")
@@ -53,7 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from hb_utils.config import load_config
     from hb_utils.runner import run_experiment
 
-    overrides = {name: _parse_value(value) for name, value in args.parameter}
+    overrides = parse_overrides(args.parameter, args.parameters_yaml, args.parameter_raw)
     cfg = load_config(args.params, **overrides)  # ConfigError before any notebook starts
     print(f"experiment {cfg.experiment}: model {cfg.model_name}, data {cfg.dataset}, fingerprint {cfg.fingerprint()}")
     t0 = time.perf_counter()
@@ -80,6 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HBError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # one line, not papermill's and asyncio's tracebacks
+        print(str(exc) if str(exc) else "interrupted; rerun the same command to continue.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

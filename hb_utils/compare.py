@@ -21,6 +21,9 @@ from hb_utils.config import ExperimentConfig, fields_in
 from hb_utils.errors import RunError
 from hb_utils.plots import save
 
+# Everything hb compare writes into its --out folder.
+COMPARE_FILES = {"comparison.md", "comparison.csv", "config_diff.csv", "loss_curves.png", "metrics.png",
+                 "06_compare.ipynb", "06_compare.html"}
 # The generation metrics of eval.json["generation"] shown per run (labels and scales: hb_utils.results).
 GEN_METRICS = ("rouge1", "rouge2", "rougeL", "bleu", "stopped", "disclaimer", "empty_or_loop", "words")
 
@@ -162,6 +165,16 @@ def write_tables(runs: list[Run], out_dir: Path) -> dict[str, Path]:
     return files
 
 
+def claim_out(out_dir: str | Path, name: str = "--out") -> Path:
+    """The comparison folder, held to the run directories' rule (:func:`hb_utils.run_dir.claim_dir`): never
+    the filesystem root, the home directory, a file or a folder the kit did not make. A folder holding only
+    what ``hb compare`` writes was made by it before folders were marked, and is marked now."""
+    out = run_dir.check_output_root(out_dir, name, f"{name} outputs/compare")
+    if out.is_dir() and not run_dir.is_kit_dir(out) and {p.name for p in out.iterdir()} <= COMPARE_FILES:
+        run_dir.write_json(out / run_dir.MARKER, {"kit": "hb_utils", "what": "comparison folder (made before markers)"})
+    return run_dir.claim_dir(out, made_by="hb compare", what="comparison folder")
+
+
 def compare_runs(run_dirs: list[str], out_dir: str | None = None, *, report: bool = True,
                  kernel: str = "python3") -> dict[str, Path]:
     """Tables and plots for ``run_dirs``; with ``report`` also the executed 06_compare notebook + HTML."""
@@ -171,7 +184,7 @@ def compare_runs(run_dirs: list[str], out_dir: str | None = None, *, report: boo
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise RunError(f"Run names repeat ({', '.join(names)}): compare runs with different experiment names.")
-    out = run_dir.resolve(out_dir or "outputs/compare")
+    out = claim_out(out_dir or "outputs/compare")
     files = write_tables(runs, out)
     if report:
         from hb_utils.report import execute, to_html

@@ -102,7 +102,8 @@ class ExperimentConfig:
     lora_dropout: float = _f(0.05, "LoRA dropout, in [0, 1).", min=0.0, max_excl=1.0, scope="train")
     fast_lora_dropout: bool = _f(True, "On CPU, draw LoRA dropout masks 16 bits at a time (faster masks, "
                                  "p rounded to 2**-16, a different random stream); False: PEFT's nn.Dropout.", scope="train")
-    lora_target_modules: list[str] = _f(LORA_TARGETS, "Module names that get LoRA adapters.", scope="train")
+    lora_target_modules: list[str] = _f(LORA_TARGETS, "Module names that get LoRA adapters.", scope="train",
+                                        comma_list=True)
     # --- training ---
     learning_rate: float = _f(2e-4, "Peak learning rate.", min_excl=0.0, scope="train")
     batch_size: int = _f(2, "Per-device training batch size.", min=1, scope="train")
@@ -164,8 +165,14 @@ class ExperimentConfig:
             )
         if self.train_frac <= 0:
             raise ConfigError("train_frac must be > 0: there would be nothing to train on.")
-        if not self.experiment or "/" in self.experiment or self.experiment.startswith("."):
-            raise ConfigError(f"experiment must be a plain directory name, got {self.experiment!r}.")
+        bad = [c for c in self.experiment if c in '/\\' or not c.isprintable()]
+        if not self.experiment.strip() or bad or self.experiment.startswith("."):
+            raise ConfigError(f"experiment must be a plain directory name (no /, \\, control characters or leading "
+                              f"dot), got {self.experiment!r}. Use e.g. -p experiment lr_test_2.")
+        blank = [i for i, p in enumerate(self.prompts) if not p.strip()]
+        if blank:
+            raise ConfigError(f"prompts holds {len(blank)} empty or blank prompt(s) (positions {blank}): remove them "
+                              "or write a question.")
 
     # --- derived ---
     def to_dict(self) -> dict[str, Any]:
@@ -238,7 +245,10 @@ def _parse_number(name: str, value: Any, kind: type) -> Any:
     return float(value)
 
 
-def _parse_list(name: str, value: Any) -> list[str]:
+def _parse_list(name: str, value: Any, *, comma_list: bool = False) -> list[str]:
+    """A list of strings from a list, a JSON/YAML list literal (``[a, b]``) or, for lists of names
+    (``comma_list``: lora_target_modules), ``a,b``. A plain string for a list of free text (``prompts``)
+    is ONE item: a question may hold commas, so splitting it would change what the user wrote."""
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):
@@ -250,8 +260,10 @@ def _parse_list(name: str, value: Any) -> list[str]:
                 except yaml.YAMLError:
                     raise ConfigError(f"{name}: cannot parse {value!r} as a list; write e.g. "
                                       f"-y '{name}: [a, b]' or -p {name} 'a,b'.") from None
-        else:
+        elif comma_list:
             value = [part.strip() for part in text.split(",") if part.strip()] if text else []
+        else:
+            value = [value] if text else []
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{name} must be a list of strings, got {value!r}.")
     return list(value)
@@ -261,7 +273,7 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
     """Check one value against its field's type and bounds; return it in canonical form."""
     name, meta, typ = f.name, f.metadata, type_name(f)
     if typ == "list[str]":
-        value = _parse_list(name, value)
+        value = _parse_list(name, value, comma_list=bool(meta.get("comma_list")))
         if name == "lora_target_modules" and not value:
             raise ConfigError("lora_target_modules must name at least one module, e.g. [q_proj, v_proj].")
         return value
@@ -287,12 +299,56 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
                 raise ConfigError(f"{name} must be {sign} {meta[key]}, got {value}.")
         return value
     if typ == "str":
+        if isinstance(value, int) and not isinstance(value, bool):
+            # papermill's -p (and hb run's, which parses the same way) reads `-p experiment 2024` as the int
+            # 2024; the field's type says text, and an int's digits are exactly what was typed.
+            value = str(value)
         if not isinstance(value, str):
-            raise ConfigError(f"{name} must be a string, got {value!r} ({type(value).__name__}).")
+            raise ConfigError(f"{name} must be text, got {value!r} ({type(value).__name__}): YAML or -p read the "
+                              f"value as a {type(value).__name__}. Quote it to keep the text: -r {name} VALUE on the "
+                              f"command line (hb run and papermill), or {name}: 'VALUE' in YAML.")
         if "choices" in meta and value not in meta["choices"]:
             raise ConfigError(f"{name} must be one of {', '.join(meta['choices'])}; got {value!r}.")
         return value
     raise TypeError(f"config field {name} has unsupported type {typ}")  # a bug in this module
+
+
+class _DuplicateKey(yaml.YAMLError):
+    """A mapping names the same parameter twice."""
+
+
+def params_loader() -> type[yaml.SafeLoader]:
+    """The YAML loader of parameter files and ``-y`` strings: papermill's own (``-f``/``-y`` read with
+    ``papermill.iorw.NoDatesSafeLoader``: safe, dates stay text), so ``hb run`` and ``papermill`` read a file
+    alike, refusing duplicate keys, which YAML would settle silently by keeping the last one."""
+    from papermill.iorw import NoDatesSafeLoader  # imported here: papermill pulls in nbformat (seconds)
+
+    class ParamsLoader(NoDatesSafeLoader):
+        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise _DuplicateKey(f"parameter {key!r} is given twice (lines {seen[key]} and {line}); "
+                                        "YAML would silently keep the last. Delete one.")
+                seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return ParamsLoader
+
+
+def parse_params_yaml(text: str, origin: str) -> dict[str, Any]:
+    """A flat ``name: value`` mapping from YAML text (a parameter file or an ``-y`` string)."""
+    try:
+        data = yaml.load(text, Loader=params_loader()) or {}  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{origin} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin} must be a flat mapping of name: value.")
+    return data
 
 
 def read_params_file(path: str | Path) -> dict[str, Any]:
@@ -300,13 +356,7 @@ def read_params_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Parameter file {str(path)!r} does not exist. Pass a file from params/, e.g. params/smoke.yaml.")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"Parameter file {str(path)!r} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"Parameter file {str(path)!r} must be a flat mapping of name: value.")
-    return data
+    return parse_params_yaml(path.read_text(), f"Parameter file {str(path)!r}")
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> ExperimentConfig:

@@ -123,22 +123,39 @@ def _normalize_columns(df: pd.DataFrame, origin: str) -> pd.DataFrame:
     return out
 
 
-def load_raw(source: str, split: str = "train") -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Load MedQuAD from a release folder, a data file, or a Hub id → (frame with COLUMNS, info)."""
+def locate_source(source: str) -> tuple[str, Path | str]:
+    """Where ``dataset`` points, without reading it: ("dir", path), ("file", path) or ("hub", id).
+
+    DataError for a local path that does not exist, so ``hb run`` can say so before any notebook starts.
+    """
     looks_local = source.startswith((".", "/", "~")) or Path(source).suffix.lower() in (".parquet", ".jsonl", ".json", ".csv")
     path = run_dir.resolve(source)
     if path.is_dir():
-        df, info = load_xml_release(path)
-    elif path.is_file():
-        df, info = _normalize_columns(_load_table(path), str(path)), {"kind": "file"}
-    elif looks_local or source.count("/") != 1:
-        raise DataError(f"Data source {source!r} does not exist (looked at {path}). Give a MedQuAD XML release folder, "
-                        "a .parquet/.jsonl/.csv file, or a Hub dataset id such as lavita/MedQuAD.")
+        return "dir", path
+    if path.is_file():
+        return "file", path
+    if looks_local or source.count("/") != 1:
+        raise DataError(f"Data source {source!r} does not exist (looked at {path}). Set dataset to a MedQuAD XML "
+                        "release folder, a .parquet/.jsonl/.csv file, or a Hub dataset id such as lavita/MedQuAD.")
+    return "hub", source
+
+
+def load_raw(source: str, split: str = "train") -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Load MedQuAD from a release folder, a data file, or a Hub id → (frame with COLUMNS, info)."""
+    kind, where = locate_source(source)
+    if kind == "dir":
+        df, info = load_xml_release(Path(where))
+    elif kind == "file":
+        df, info = _normalize_columns(_load_table(Path(where)), str(where)), {"kind": "file"}
     else:
         df, info = _load_hub(source, split), {"kind": "hub", "split": split}
-    info["source"] = str(path) if info["kind"] != "hub" else source
+    if df.empty:  # later steps would fail deep inside pandas (a mean of an empty string column)
+        raise DataError(f"The data source {str(where)!r} has no rows (a header only, or no QAPair elements). "
+                        "Point dataset at a file or release that holds question/answer pairs.")
+    info["source"] = str(where)
     info["rows"] = len(df)
     info["answered"] = int(answered(df).sum())
+    info["placeholder_answers"] = int(placeholder_answers(df).sum())
     return df, info
 
 
@@ -154,12 +171,23 @@ def _load_hub(dataset_id: str, split: str) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------- cleaning
+# Answers that are a missing-value placeholder written out as text (a CSV/JSON export of a frame with
+# missing answers), not an answer. Compared after stripping, case-insensitively.
+PLACEHOLDERS = ("nan", "none", "null")
+
+
+def placeholder_answers(df: pd.DataFrame) -> pd.Series:
+    """The rows whose answer is a literal NaN / None / null: missing, though they hold text."""
+    return df["answer"].astype(str).str.strip().str.lower().isin(PLACEHOLDERS)
+
+
 def answered(df: pd.DataFrame) -> pd.Series:
     """The rows whose answer holds text: the one definition of "answered" (EDA, plots, filters).
 
-    The XML release has empty ``<Answer/>`` elements where answers were removed for copyright.
+    The XML release has empty ``<Answer/>`` elements where answers were removed for copyright; exported
+    tables may write a missing answer as ``NaN``, ``None`` or ``null`` (:func:`placeholder_answers`).
     """
-    return df["answer"].astype(str).str.strip() != ""
+    return (df["answer"].astype(str).str.strip() != "") & ~placeholder_answers(df)
 
 
 def clean_text(text: str, strip_html: bool = True) -> str:
@@ -182,7 +210,8 @@ def clean_and_filter(df: pd.DataFrame, cfg: ExperimentConfig) -> tuple[pd.DataFr
     df = df.copy()
     df["question"] = df["question"].map(lambda t: clean_text(t, cfg.strip_html))
     df["answer"] = df["answer"].map(lambda t: clean_text(t, cfg.strip_html))
-    step("answer present", answered(df))
+    step("answer present", df["answer"] != "")
+    step("answer not NaN/None/null", ~placeholder_answers(df))  # with the step above: answered(df)
     step(f"question > {cfg.min_question_chars} chars", df["question"].str.len() > cfg.min_question_chars)
     step(f"answer > {cfg.min_answer_chars} chars", df["answer"].str.len() > cfg.min_answer_chars)
     step(f"answer <= {cfg.max_answer_words} words", df["answer"].str.split().str.len() <= cfg.max_answer_words)
@@ -254,8 +283,8 @@ def prepare_splits(cfg: ExperimentConfig, *, write: bool = True, raw: pd.DataFra
     records = {k: [to_record(r, cfg.system_prompt) for r in v.to_dict("records")] for k, v in frames.items()}
     prepared = Prepared(records=records, frames=frames, stats=stats)
     if write:
+        run = run_dir.claim(cfg, made_by="data.prepare_splits")
         _check_run_data(cfg)
-        run = run_dir.RunPaths.for_config(cfg)
         for name, recs in records.items():
             prepared.files[name] = str(run_dir.write_jsonl(run.split(name), recs))
         prepared.files["stats"] = str(run_dir.write_json(run.data_stats, stats))

@@ -67,5 +67,5 @@ def length_summary(df: pd.DataFrame) -> pd.DataFrame:
 
 def write_summary(cfg: ExperimentConfig, source: dict[str, Any], duplicates: dict[str, Any]) -> None:
     """``data/eda.json``: where the raw data came from and its duplicate counts, stamped like every artifact."""
-    run_dir.write_json(run_dir.RunPaths.for_config(cfg).data / "eda.json",
+    run_dir.write_json(run_dir.claim(cfg, made_by="eda.write_summary").data / "eda.json",
                        {"stamp": run_dir.stamp(cfg, "data", "01_eda"), "source": source, "duplicates": duplicates})

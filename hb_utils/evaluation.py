@@ -42,7 +42,7 @@ def generate(model: Any, tokenizer: Any, questions: list[str], cfg: ExperimentCo
 def run_evaluation(cfg: ExperimentConfig) -> dict[str, Any]:
     """Greedy answers and perplexity of base and fine-tuned model on the test split; writes
     ``metrics/eval.json`` and ``metrics/predictions.jsonl`` and returns the eval.json payload."""
-    run = RunPaths.for_config(cfg)
+    run = run_dir.claim(cfg, made_by="evaluation.run_evaluation")
     model, tokenizer = modeling.load_adapter_model(cfg, run.adapter)  # refuses missing / foreign adapters
     test = data.ensure_splits(cfg)["test"]
     gen_records = metrics.select_first(test, cfg.eval_size)
@@ -101,6 +101,7 @@ def run_evaluation(cfg: ExperimentConfig) -> dict[str, Any]:
             row[f"{system}_scores"] = {k: float(v[i]) for k, v in per_example[system].items()}
         row["fingerprint"] = fp
         rows.append(row)
+    run_dir.record_eval_rerun(cfg, "04_evaluate", made_by="evaluation.run_evaluation")  # other eval configs' metrics aside
     write_jsonl(run.metrics / "predictions.jsonl", rows)
     write_json(run.metrics / "eval.json", result)
     return result
@@ -115,6 +116,9 @@ def load_predictions(cfg: ExperimentConfig) -> pd.DataFrame:
     rows = read_jsonl(path)
     stale = {r["fingerprint"] for r in rows} - {cfg.fingerprint("eval")}
     if stale:
+        found = run_dir.read_stamp(run.metrics / "eval.json")  # written with them: names the parameters
+        if found and (found.get("fingerprints") or {}).get("eval") in stale:
+            run_dir.require(found, cfg, "eval", what=path, fix="Rerun 04_evaluate with this config.")
         raise RunError(f"{path} was made by another config "
                                   f"({', '.join(sorted(stale))}); rerun 04_evaluate with this config.")
     flat = []

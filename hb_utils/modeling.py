@@ -23,15 +23,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from hb_utils import attention, run_dir
-from hb_utils.config import ExperimentConfig
+from hb_utils.config import LORA_TARGETS, ExperimentConfig
 from hb_utils.device import default_device, resolve_compute_dtype
-from hb_utils.errors import ModelError, RunError
+from hb_utils.errors import ConfigError, ModelError, RunError
 from hb_utils.model_source import SMOLLM2_ALIAS, looks_like_path, resolve_model_path
 from hb_utils.tokenizer import load_tokenizer, stop_token_ids
 
@@ -81,6 +82,76 @@ def lora_config(cfg: ExperimentConfig) -> LoraConfig:
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         target_modules=list(cfg.lora_target_modules), bias="none", task_type="CAUSAL_LM",
     )
+
+
+# --------------------------------------------------------------------------- checks before a model loads
+def module_names(cfg: ExperimentConfig) -> dict[str, str]:
+    """``{module name: class name}`` of ``cfg``'s model architecture, built from its config on the meta
+    device: no weights are read or allocated, so this takes a second where loading takes minutes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = resolve_model_path(cfg.model_name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"Cannot read the config of model {cfg.model_name!r} ({exc}). Check the name, internet "
+                         f"access for Hub ids, or use the offline alias {SMOLLM2_ALIAS!r}.") from exc
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {name: type(module).__name__ for name, module in model.named_modules() if name}
+
+
+def check_lora_targets(cfg: ExperimentConfig, names: dict[str, str] | None = None) -> None:
+    """ConfigError unless every name in ``lora_target_modules`` is a layer of the model.
+
+    Why: PEFT adapts the modules any name matches (a module named ``t`` or ending in ``.t``), so with
+    ``q_proj,bogus_proj`` a misspelt name was silently dropped, and when none matched PEFT failed after
+    the model load without naming the parameter.
+    """
+    names = module_names(cfg) if names is None else names
+    linear = sorted({n.rsplit(".", 1)[-1] for n, kind in names.items() if kind in _ADAPTABLE})
+    bad = []
+    for target in cfg.lora_target_modules:
+        hits = [kind for n, kind in names.items() if n == target or n.endswith("." + target)]
+        if not any(kind in _ADAPTABLE for kind in hits):
+            bad.append(target + (f" (a {hits[0]}, not a layer LoRA can adapt)" if hits else ""))
+    if bad:
+        raise ConfigError(f"lora_target_modules: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not among the "
+                          f"layers of {cfg.model_name}. Its layers LoRA can adapt: {', '.join(linear)} "
+                          f"(e.g. -p lora_target_modules {','.join(n for n in LORA_TARGETS if n in linear) or linear[0]}).")
+
+
+# Module classes PEFT's LoRA can wrap (peft.tuners.lora.layer: Linear, Embedding, Conv*, and bitsandbytes' Linear4bit
+# once quantized); the meta-device model holds plain torch modules.
+_ADAPTABLE = {"Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "Linear4bit", "Linear8bitLt"}
+
+
+def check_prompt_fits(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase,
+                      questions: Sequence[str] = ("",)) -> int:
+    """ConfigError unless the system prompt and the shortest question leave room for an answer token
+    within ``max_length``; returns that prompt's token count.
+
+    Why: TRL cuts every example to ``max_length`` and then drops the examples with no answer token left,
+    so ``max_length 16`` (or a system prompt longer than ``max_length``) dropped every example and failed
+    deep inside ``datasets`` (``IndexError: Invalid key: 0 is out of bounds for size 0``). Tokenizing one
+    prompt is cheap and happens before the model loads. ``questions`` default: an empty question (what
+    ``hb run`` checks before any data is loaded).
+    """
+    from hb_utils.tokenizer import encode_chat
+
+    shortest = min(questions, key=len) if questions else ""
+    def prompt_tokens(question: str) -> int:
+        return len(encode_chat(tokenizer, [{"role": "system", "content": cfg.system_prompt},
+                                           {"role": "user", "content": question}], add_generation_prompt=True))
+    n = prompt_tokens(shortest)
+    if n >= cfg.max_length:
+        system_only = prompt_tokens("")
+        raise ConfigError(
+            f"max_length={cfg.max_length} leaves no room for an answer: the system_prompt and the shortest question "
+            f"in the chat template take {n} tokens (the system_prompt with an empty question: {system_only}), so every "
+            f"training example would be cut before its answer. Raise max_length above {n} (e.g. -p max_length "
+            f"{max(256, 2 ** (n + 64).bit_length())}) or shorten system_prompt.")
+    return n
 
 
 # --------------------------------------------------------------------------- models

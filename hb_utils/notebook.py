@@ -15,13 +15,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from typing import Any
 
-from hb_utils import quiet
+from hb_utils import quiet, run_dir
 from hb_utils.config import FIELDS, ExperimentConfig, check_names, type_name
 
 
 def begin(namespace: Mapping[str, Any], *, show: bool = True) -> ExperimentConfig:
-    """Validate the notebook's parameters, quiet the libraries, display the run header; return the config."""
+    """Validate the notebook's parameters, claim the run directory (a notebook run on its own, by papermill
+    or in Jupyter, writes only where ``hb run`` would: :func:`hb_utils.run_dir.claim` refuses the filesystem
+    root, the home directory and folders the kit did not make), quiet the libraries, display the run header;
+    return the config."""
     cfg = config_from_namespace(namespace)
+    run_dir.claim(cfg, made_by="notebook")
     quiet.apply(progress=cfg.progress)
     if show:
         from IPython.display import Markdown, display

@@ -16,10 +16,9 @@ import pandas as pd
 
 from hb_utils import metrics, modeling, run_dir
 from hb_utils.config import ExperimentConfig
-from hb_utils.errors import ConfigError
 from hb_utils.evaluation import generate
 from hb_utils.generation import GenResult
-from hb_utils.run_dir import RunPaths, write_jsonl
+from hb_utils.run_dir import write_jsonl
 
 IN_DOMAIN = (
     "What are the symptoms of Type 2 diabetes?",
@@ -57,10 +56,7 @@ def declined(answer: str) -> bool:
 
 def qualitative_prompts(cfg: ExperimentConfig) -> list[tuple[str, str]]:
     """(kind, prompt): the four in-domain and two out-of-domain prompts, then cfg.prompts as 'custom'."""
-    blank = [i for i, p in enumerate(cfg.prompts) if not p.strip()]
-    if blank:
-        raise ConfigError(f"prompts holds {len(blank)} empty or blank prompt(s) (positions {blank}): remove them or "
-                          "write a question.")
+    # Blank prompts never get here: ExperimentConfig refuses them, so `hb run` stops before any notebook.
     return ([("in-domain", p) for p in IN_DOMAIN] + [("out-of-domain", p) for p in OUT_OF_DOMAIN]
             + [("custom", p) for p in cfg.prompts])
 
@@ -74,7 +70,7 @@ def answer_flags(prompt: str, result: GenResult) -> dict[str, bool]:
 def run_qualitative(cfg: ExperimentConfig) -> list[dict[str, Any]]:
     """Sampled answers (cfg.qual_*, seeded by cfg.qual_seed so a rerun gives the same text) of base
     and fine-tuned model to the standard prompts; writes qualitative.jsonl and qualitative.md."""
-    run = RunPaths.for_config(cfg)
+    run = run_dir.claim(cfg, made_by="qualitative.run_qualitative")
     model, tokenizer = modeling.load_adapter_model(cfg, run.adapter)
     prompts = qualitative_prompts(cfg)
     texts = [p for _, p in prompts]
@@ -90,6 +86,7 @@ def run_qualitative(cfg: ExperimentConfig) -> list[dict[str, Any]]:
                      "base_flags": answer_flags(prompt, b), "finetuned_flags": answer_flags(prompt, f),
                      "base_tokens": b.n_new_tokens, "finetuned_tokens": f.n_new_tokens,
                      "sampling": sampling, "fingerprint": stamp["fingerprints"]["eval"]})
+    run_dir.record_eval_rerun(cfg, "05_qualitative", made_by="qualitative.run_qualitative")
     write_jsonl(run.metrics / "qualitative.jsonl", rows)
     (run.metrics / "qualitative.md").write_text(qualitative_markdown(rows, {"experiment": cfg.experiment, **stamp}))
     return rows

@@ -54,13 +54,16 @@ def execute(notebook: Path, output: Path, parameters: dict[str, Any], *, cwd: Pa
     """Execute ``notebook`` with papermill into ``output`` (raises PapermillExecutionError on a failing cell).
 
     The kernel inherits our stderr; ipykernel 7 warns there at every start that its local TCP sockets are
-    unencrypted, which would break "one line per notebook", so kernels log errors only.
+    unencrypted, which would break "one line per notebook", and after Ctrl-C the kernel being shut down
+    mid-cell logs two ERROR tracebacks (zmq "Socket operation on non-socket") over ``hb run``'s one-line
+    message. So kernels log only critical messages; a cell's own errors and output reach the notebook
+    (papermill) either way, and a dying kernel is reported by nbclient.
     """
     import papermill as pm
 
     output.parent.mkdir(parents=True, exist_ok=True)
     pm.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name=kernel, cwd=str(cwd),
-                        progress_bar=False, log_output=False, extra_arguments=["--IPKernelApp.log_level=ERROR"])
+                        progress_bar=False, log_output=False, extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
 
 
 def as_table(mapping: dict[str, Any], column: str = "value") -> Any:

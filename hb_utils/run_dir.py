@@ -1,4 +1,5 @@
-"""The one owner of ``outputs/<experiment>/``: its layout, atomic writes, and the stamp every artifact carries.
+"""The one owner of ``outputs/<experiment>/``: its layout, who may write there, atomic writes, and the stamp
+every artifact carries.
 
 Why: every notebook reads what the previous one wrote. If each built its own paths they would drift
 apart, and a notebook run from ``notebooks/`` would write somewhere else than one run from the repo
@@ -7,6 +8,14 @@ root (all relative paths here resolve against the repository root, never the cwd
 (:func:`stamp`: fingerprints of the config scopes that shaped it, the parameters themselves, UTC
 time, what made it), checked by one guard (:func:`require`) whose message names the parameters that
 differ and the fix — so a notebook never uses, or silently replaces, an artifact of another config.
+
+Bad input must never do harm outside the kit's own folders. ``output_root`` and ``experiment`` are
+user input: ``-p output_root /`` or ``~`` with ``-p experiment Documents --overwrite`` once wrote at the
+filesystem root or renamed a home folder aside. So the kit writes only into directories it created and
+marked as its own (:data:`MARKER`, written by :func:`claim`, which every writer calls first: ``hb run``,
+each notebook's first cell, the library functions that write a run's artifacts, ``hb compare``), and
+``--overwrite`` moves aside (:func:`move_aside`) only a marked directory. :func:`check_output_root`
+refuses the filesystem root, the home directory (and its parents) and files.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from hb_utils.config import FINGERPRINT_SCOPES, ExperimentConfig, fields_in
-from hb_utils.errors import RunError
+from hb_utils.errors import ConfigError, RunError
 
 SPLITS = ("train", "val", "test")
 
@@ -43,6 +52,104 @@ def resolve(path: str | os.PathLike[str]) -> Path:
     """An absolute path: absolute paths unchanged, relative ones against the repo root."""
     p = Path(path).expanduser()
     return p if p.is_absolute() else (repo_root() / p).resolve()
+
+
+# --------------------------------------------------------------------------- whose folder is it?
+MARKER = ".hb_run"  # in every directory the kit created: a run directory or an `hb compare` output folder
+
+
+def check_output_root(output_root: str | os.PathLike[str], name: str = "output_root",
+                      example: str = "-p output_root outputs") -> Path:
+    """``output_root`` resolved, or ConfigError when the kit must not create run directories there.
+
+    Any writable directory is fine (Colab users point it at Drive; it is created when missing), except
+    the filesystem root, the home directory itself or one of its parents, and a file.
+    """
+    root = resolve(output_root)
+    home = Path.home().resolve()
+    fix = f"Set {name} to a folder of its own, e.g. {example} (relative paths: to the repository root)."
+    if root == Path(root.anchor):
+        raise ConfigError(f"{name} {str(output_root)!r} is the filesystem root ({root}); runs are never written "
+                          f"there. {fix}")
+    if root == home or root in home.parents:
+        raise ConfigError(f"{name} {str(output_root)!r} is {'your home directory' if root == home else 'a parent of your home directory'} "
+                          f"({root}); runs are never written there, beside your own folders. {fix}")
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{name} {str(output_root)!r} is not a directory: {probe} is a file. {fix}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{name} {str(output_root)!r} is not writable ({probe} is read-only for you). {fix}")
+    return root
+
+
+def is_kit_dir(path: Path) -> bool:
+    """True when ``path`` is a directory the kit created: it holds :data:`MARKER`, or (runs made before the
+    marker existed) a ``config.json`` written by ``hb run`` or a stamped split or adapter."""
+    if (path / MARKER).is_file():
+        return True
+    for rel, shape in (("config.json", ("config", "fingerprints")), ("data/stats.json", ("stamp",)),
+                       ("adapter/hb_meta.json", ("stamp",))):
+        try:
+            legacy = read_json(path / rel)
+        except (OSError, ValueError):
+            continue
+        if isinstance(legacy, dict) and all(isinstance(legacy.get(k), dict) for k in shape):
+            return True
+    return False
+
+
+def check_claimable(path: Path, what: str = "run directory") -> None:
+    """RunError unless ``path`` is free, an empty folder, or a folder the kit made (reads only)."""
+    if path.exists() and not path.is_dir():
+        raise RunError(f"{path} is a file, not a {what}; it is left alone. Choose another experiment name.")
+    if path.is_dir() and any(path.iterdir()) and not is_kit_dir(path):
+        raise RunError(f"{path} exists and was not made by this kit (it has no {MARKER}), so nothing is written "
+                       "into it, moved or replaced, even with --overwrite. Choose another experiment name "
+                       "(-p experiment NAME) or output_root.")
+
+
+def claim_dir(path: Path, *, made_by: str, what: str = "run directory") -> Path:
+    """Create ``path`` and mark it as the kit's, or accept it when the kit made it; RunError for anything
+    else that exists (a user's folder, a file): it is never written into."""
+    check_claimable(path, what)
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / MARKER).is_file():
+        write_json(path / MARKER, {"kit": "hb_utils", "what": what, "created": utc_now(), "made_by": made_by})
+    return path
+
+
+def claim(cfg: ExperimentConfig, *, made_by: str) -> RunPaths:
+    """The run directory of ``cfg``, checked (:func:`check_output_root`, :func:`claim_dir`) and created.
+
+    Every writer of a run's artifacts calls this first, so a notebook run on its own (papermill, Jupyter)
+    is held to the same rule as ``hb run``.
+    """
+    paths = RunPaths(check_output_root(cfg.output_root) / cfg.experiment)
+    claim_dir(paths.root, made_by=made_by)
+    return paths
+
+
+def unique_sibling(path: Path) -> Path:
+    """``path`` itself when free, else ``path-2``, ``path-3`` … (the first that does not exist)."""
+    candidate, n = path, 1
+    while candidate.exists() or candidate.is_symlink():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
+
+
+def move_aside(root: Path) -> Path:
+    """Rename the kit's directory ``root`` to ``<name>.replaced-<UTC time>`` (a free name) and return where it
+    went. Refuses (RunError) a directory without the kit's marker: --overwrite never moves a user's folder."""
+    if not is_kit_dir(root):
+        raise RunError(f"{root} was not made by this kit (no {MARKER}); it is not moved, even with --overwrite. "
+                       "Choose another experiment name or output_root.")
+    stamp_ = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    target = unique_sibling(root.with_name(f"{root.name}.replaced-{stamp_}"))
+    os.rename(root, target)  # same folder: atomic; never into an existing directory (shutil.move would)
+    return target
 
 
 @dataclass(frozen=True)
@@ -203,3 +310,105 @@ def read_stamp(path: Path, key: str = "stamp") -> dict[str, Any] | None:
         return None
     payload = read_json(path)
     return payload.get(key) if isinstance(payload, dict) else None
+
+
+# --------------------------------------------------------------------------- eval-scope reruns
+# The artifacts of the eval scope (04 and 05 share one eval fingerprint), per stage; the first file of a
+# group that carries a fingerprint tells whose they are.
+EVAL_ARTIFACTS = {
+    "04_evaluate": ("metrics/eval.json", "metrics/predictions.jsonl", "plots/eval_comparison.png"),
+    "05_qualitative": ("metrics/qualitative.jsonl", "metrics/qualitative.md"),
+}
+PREVIOUS = "metrics/previous"
+
+
+def _eval_fingerprint(path: Path) -> str | None:
+    """The eval fingerprint an eval artifact records (eval.json's stamp, a JSON-lines row's "fingerprint")."""
+    try:
+        if path.suffix == ".json":
+            return ((read_stamp(path) or {}).get("fingerprints") or {}).get("eval")
+        if path.suffix == ".jsonl":
+            with path.open() as fh:
+                first = next((line for line in fh if line.strip()), None)
+            return json.loads(first).get("fingerprint") if first else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return None
+
+
+def set_aside_eval(paths: RunPaths, cfg: ExperimentConfig, *, made_by: str,
+                   reports: bool = False) -> list[dict[str, Any]]:
+    """Move the eval-scope artifacts (metrics of 04/05) that another eval config made to
+    ``metrics/previous/<their eval fingerprint>/``, so a rerun with other evaluation parameters on the same
+    adapter never silently replaces them. ``reports``: also their executed notebooks (only when no notebook
+    is running, i.e. from ``hb run`` before the stages start). Returns one record per stage moved."""
+    mine = cfg.fingerprint("eval")
+    targets: dict[str, Path] = {}
+    moved = []
+    for stage, rels in EVAL_ARTIFACTS.items():
+        present = [paths.root / rel for rel in rels if (paths.root / rel).is_file()]
+        if not present:
+            continue
+        found = next((fp for fp in map(_eval_fingerprint, present) if fp), None)
+        if found == mine:
+            continue
+        label = found or "unstamped"
+        if label not in targets:
+            targets[label] = unique_sibling(paths.root / PREVIOUS / label)
+            targets[label].mkdir(parents=True)
+        dest = targets[label]
+        params = next(((read_stamp(p) or {}).get("params") for p in present if p.suffix == ".json"), None)
+        if reports:
+            present += [p for p in (paths.reports / f"{stage}.ipynb", paths.reports / f"{stage}.html") if p.is_file()]
+        for p in present:
+            os.rename(p, unique_sibling(dest / p.name))
+        moved.append({"stage": stage, "eval_fingerprint": found, "moved_to": str(dest.relative_to(paths.root)),
+                      "files": [p.name for p in present], "params": params,
+                      "moved": utc_now(), "by": made_by})
+    for label, dest in targets.items():
+        write_json(dest / "moved.json", {"why": f"replaced by eval config {mine}", "records": [
+            m for m in moved if (m["eval_fingerprint"] or "unstamped") == label]})
+    return moved
+
+
+def record_eval_rerun(cfg: ExperimentConfig, stage: str, *, made_by: str) -> list[dict[str, Any]]:
+    """Called by 04/05 just before they write their metrics: keep another eval config's metrics aside
+    (:func:`set_aside_eval`) and, when ``config.json`` records the same adapter (data and train scope) with
+    other eval parameters (04/05 run directly with papermill or Jupyter), update it to this config, mark
+    the other eval stage stale and record what moved — so config.json, the metrics and ``hb compare``
+    agree, and nothing was replaced silently."""
+    paths = claim(cfg, made_by=made_by)
+    moved = set_aside_eval(paths, cfg, made_by=made_by)
+    if not paths.config_json.is_file():
+        return moved
+    payload = read_json(paths.config_json)
+    prints = payload.get("fingerprints") or {}
+    if prints.get("eval") != cfg.fingerprint("eval") and prints.get("train") == cfg.fingerprint("train"):
+        old = payload.get("config") or {}
+        changed = [f"{n}: {a!r} -> {b!r}" for n, (a, b) in cfg.differences(old, "eval").items()]
+        payload["config"], payload["fingerprints"] = cfg.to_dict(), cfg.fingerprints()
+        for other in EVAL_ARTIFACTS:
+            if other != stage:
+                payload.setdefault("stages", {})[other] = {
+                    "status": "stale", "reason": f"{stage} ran with other eval parameters ({'; '.join(changed)})"}
+        payload.setdefault("eval_history", []).append({"by": made_by, "at": utc_now(), "changed": changed,
+                                                       "moved": moved})
+        write_json(paths.config_json, payload)
+        where = f"; the previous metrics are kept in {moved[0]['moved_to']}/" if moved else ""
+        print(f"[{stage}] eval parameters differ from config.json ({'; '.join(changed)}){where}; config.json now "
+              "records this config.", flush=True)
+    elif moved:
+        payload.setdefault("eval_history", []).append({"by": made_by, "at": utc_now(), "moved": moved})
+        write_json(paths.config_json, payload)
+    return moved
+
+
+# --------------------------------------------------------------------------- checkpoints
+def checkpoint_dirs(folder: Path) -> list[Path]:
+    """Complete Trainer checkpoints in ``folder`` (trainer_state.json is written last), oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [(int(p.name.split("-", 1)[1]), p) for p in folder.iterdir()
+             if p.is_dir() and p.name.startswith("checkpoint-") and p.name.split("-", 1)[1].isdigit()
+             and (p / "trainer_state.json").is_file()]
+    return [p for _, p in sorted(found)]

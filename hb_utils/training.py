@@ -15,11 +15,9 @@ training to :func:`hb_utils.distributed.launch`; each launched rank runs :func:`
 from __future__ import annotations
 
 import contextlib
-import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,7 +33,6 @@ from hb_utils.tokenizer import load_tokenizer
 from hb_utils.trl_setup import build_sft_config, build_trainer, mark_supervised, to_prompt_completion
 
 CHECKPOINT_META = "hb_meta.json"  # in RunPaths.checkpoints: the stamp of the config that made them
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 # --------------------------------------------------------------------------- run-directory guards
@@ -56,13 +53,7 @@ def check_adapter_slot(cfg: ExperimentConfig) -> str:
     return "same"  # unreachable: require raised
 
 
-def _checkpoint_dirs(folder: Path) -> list[Path]:
-    """Complete checkpoints (trainer_state.json is written last), oldest first."""
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir()
-             if p.is_dir() and (m := _CHECKPOINT_RE.match(p.name)) and (p / "trainer_state.json").is_file()]
-    return [p for _, p in sorted(found)]
+_checkpoint_dirs = run_dir.checkpoint_dirs  # complete checkpoints, oldest first
 
 
 def resolve_resume(cfg: ExperimentConfig) -> str | None:
@@ -124,7 +115,7 @@ def prepare(cfg: ExperimentConfig, *, callbacks: Sequence[TrainerCallback] = (),
     is decided once, the splits are written, ``num_processes`` is checked against this machine's
     devices (``check_devices``), and :func:`fit` launches the ranks.
     """
-    run_paths = run_dir.RunPaths.for_config(cfg)
+    run_paths = run_dir.claim(cfg, made_by="training.prepare")
     slot = check_adapter_slot(cfg)
     finished = run_dir.stamp_matches(run_dir.read_stamp(run_paths.metrics / "train.json"), cfg, "train")
     if slot == "same" and cfg.resume == "auto" and finished:
@@ -158,6 +149,10 @@ def _build(cfg: ExperimentConfig, run_paths: run_dir.RunPaths, splits: dict[str,
     callbacks = [NanGuardCallback(), *callbacks]
     with no_progress_bars() if args.disable_tqdm else contextlib.nullcontext():  # headless: no load bars
         tokenizer = load_tokenizer(cfg.model_name)
+        # Cheap checks first: a config no example or module can satisfy fails here, naming the parameter,
+        # not minutes later inside datasets or PEFT.
+        modeling.check_prompt_fits(cfg, tokenizer, [r["question"] for r in splits["train"]])
+        modeling.check_lora_targets(cfg)
         trainer = build_trainer(cfg, args, tokenizer, train_ds, eval_ds, callbacks=callbacks)
     if args.disable_tqdm:  # headless: one compact line per log instead of raw dicts
         trainer.remove_callback(PrinterCallback)

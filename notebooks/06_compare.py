@@ -35,11 +35,11 @@ out_dir: str = "outputs/compare"  # Where tables, plots and this report go.
 # %%
 from IPython.display import Markdown, display
 
-from hb_utils import compare, quiet, run_dir
+from hb_utils import compare, quiet
 
 quiet.apply()
 runs = [compare.load_run(d) for d in run_dirs]
-out = run_dir.resolve(out_dir)
+out = compare.claim_out(out_dir, "out_dir")  # never the filesystem root, your home or a folder of yours
 print("runs:", ", ".join(f"{r.name} ({r.root})" for r in runs))
 
 # %% [markdown]

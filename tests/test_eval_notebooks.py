@@ -128,5 +128,16 @@ def test_04_runs_alone_from_notebooks_dir(smoke_series, tmp_path):
     proc, nb04 = run_notebook("04_evaluate", tmp_path / "reports", ROOT / "notebooks", params)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not error_outputs(nb04)
-    result = read_json(RunPaths.for_config(load_config(SMOKE, **params)).metrics / "eval.json")
+    cfg = load_config(SMOKE, **params)
+    result = read_json(RunPaths.for_config(cfg).metrics / "eval.json")
     assert result["settings"]["eval_examples"] == 2
+    # Other eval parameters than config.json records: the recorded config's metrics are kept aside, not
+    # silently replaced, and config.json now says what the metrics are (issue 13).
+    run = RunPaths.for_config(cfg)
+    kept = run.metrics / "previous" / smoke_series.cfg.fingerprint("eval")
+    assert read_json(kept / "eval.json")["stamp"]["params"]["eval_size"] == smoke_series.cfg.eval_size
+    assert (kept / "qualitative.jsonl").is_file() and (kept / "moved.json").is_file()
+    conf = read_json(run.config_json)
+    assert conf["config"]["eval_size"] == 2 and conf["fingerprints"] == cfg.fingerprints()
+    assert conf["stages"]["05_qualitative"]["status"] == "stale"
+    assert "eval_size: 8 -> 2" in "; ".join(conf["eval_history"][-1]["changed"])

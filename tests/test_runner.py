@@ -103,10 +103,10 @@ def test_failing_stage_keeps_partial_report_and_rerun_continues(stages, tmp_path
 
 def test_conflicting_run_directory_is_refused_then_kept_aside(tmp_path):
     cfg = cfg_in(tmp_path)
-    runner.open_run(cfg)
+    runner.open_run(cfg).set_stage("01_eda", {"status": "done"})
     marker = tmp_path / "out" / "e" / "adapter.bin"
     marker.write_text("precious")
-    with pytest.raises(RunError, match=r"different config \(changed: lora_r\).*experiment e_2.*--overwrite"):
+    with pytest.raises(RunError, match=r"different config \(changed: lora_r: 8 -> 32\).*experiment e_2.*--overwrite"):
         runner.open_run(cfg.replace(lora_r=32))
     assert marker.read_text() == "precious"
     state = runner.open_run(cfg.replace(lora_r=32), overwrite=True)
@@ -119,8 +119,9 @@ def test_foreign_directory_is_refused(tmp_path):
     cfg = cfg_in(tmp_path)
     (tmp_path / "out" / "e").mkdir(parents=True)
     (tmp_path / "out" / "e" / "notes.txt").write_text("mine")
-    with pytest.raises(RunError, match="has no config.json"):
-        runner.open_run(cfg)
+    with pytest.raises(RunError, match=r"was not made by this kit.*even with --overwrite"):
+        runner.open_run(cfg, overwrite=True)
+    assert (tmp_path / "out" / "e" / "notes.txt").read_text() == "mine"
 
 
 def test_bad_parameter_exits_before_any_notebook(tmp_path, capsys):
