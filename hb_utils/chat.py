@@ -240,9 +240,9 @@ def build_app(chat: ChatModel) -> gr.Blocks:
     with gr.Blocks(title=f"HealthBot · {cfg.experiment}") as demo:
         gr.Markdown(f"## HealthBot · `{cfg.experiment}`\n{DISCLAIMER}\n\n<small>{cfg.model_name}, {what} "
                     f"({chat.source}).</small>")
-        mode = gr.Radio(["Fine-tuned", "Base"] if chat.has_base else ["Fine-tuned"], value="Fine-tuned",
-                        label="Model", info="Base = the same loaded model with the adapter switched off"
-                        if chat.has_base else "An exported model has no Base: chat with the run directory for it")
+        mode = gr.Radio(["Fine-tuned", "Base"], value="Fine-tuned", label="Model", interactive=chat.has_base,
+                        info="Base = the same loaded model with the adapter switched off" if chat.has_base
+                        else "An exported model has no Base: chat with the run directory to compare")
         note = gr.Markdown("", elem_id="hb-note")
         with gr.Accordion("Advanced", open=False):
             temperature = gr.Slider(0.0, 2.0, value=cfg.qual_temperature, step=0.05, label="temperature (0 = greedy)")

@@ -34,7 +34,7 @@ def _smollm2_dir() -> Path:
 
 
 def tiny_model(out: Path) -> Path:
-    """A tiny random Llama saved with the real SmolLM2 tokenizer."""
+    """A tiny random Llama (untied, sharpened head) saved with the real SmolLM2 tokenizer."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(_smollm2_dir())
@@ -43,7 +43,11 @@ def tiny_model(out: Path) -> Path:
                          tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
+    model = LlamaForCausalLM(config)
+    # Random init gives nearly flat next-token distributions (top-2 gaps ~1e-6), where greedy decoding
+    # flips with the summation order of a matmul; a sharper head makes greedy answers well defined.
+    model.lm_head.weight.data *= 50
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
