@@ -275,6 +275,7 @@ def export_run(run_dir: str | Path, *, merge_into: str = "auto", dtype: str = "f
                        "chosen_by": "measurement" if merge_into == "auto" else "--merge-into", "created": utc_now()}
         write_json(paths.measurement, measurement)
         t0 = time.perf_counter()
+        shutil.rmtree(paths.gguf, ignore_errors=True)  # made from the merge being replaced (same adapter)
         save_merged(best, tokenizer, cfg, paths.merged, dtype)
         record = {"adapter": identity, "experiment": cfg.experiment, "merge_into": best_mode, "dtype": dtype,
                   "save_seconds": round(time.perf_counter() - t0, 1), "created": utc_now(), "gguf": {}}
