@@ -88,12 +88,13 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """params/smoke.yaml, 2 optimizer steps on synthetic data; config.json written as `hb run` does."""
+    """params/smoke.yaml, 2 optimizer steps of 2 examples (grad_accum 1) on synthetic data; config.json
+    written as `hb run` does."""
     if "smoke" not in _MEMO:
         _smollm2_dir()
         tmp = tmp_path_factory.mktemp("trained_smoke")
         cfg = load_config(ROOT / "params" / "smoke.yaml", output_root=str(tmp / "out"),
-                          dataset=str(write_release(tmp / "release")), max_steps=2, eval_size=4,
+                          dataset=str(write_release(tmp / "release")), max_steps=2, grad_accum=1, eval_size=4,
                           eval_max_new_tokens=24, qual_max_new_tokens=24)
         runner.open_run(cfg)
         training.train(cfg)
