@@ -65,25 +65,32 @@ def answer_text(tokenizer: PreTrainedTokenizerBase, new_ids: list[int]) -> str:
 
 def compare_models(reference: Any, candidate: Any, tokenizer: PreTrainedTokenizerBase, questions: list[str],
                    system_prompt: str, *, max_new_tokens: int,
-                   candidate_tokenizer: PreTrainedTokenizerBase | None = None) -> dict[str, Any]:
+                   candidate_tokenizer: PreTrainedTokenizerBase | None = None,
+                   reference_cache: dict[str, Any] | None = None) -> dict[str, Any]:
     """Agreement of ``candidate`` with ``reference`` on ``questions`` (see the module docstring).
 
     ``candidate_tokenizer`` (e.g. the one transformers rebuilds from a GGUF file) is checked to
     encode every prompt to the same ids; the comparison itself uses ``tokenizer`` for both, so a
-    tokenizer difference is reported, not mixed into the probabilities.
+    tokenizer difference is reported, not mixed into the probabilities. Pass the same dict as
+    ``reference_cache`` when comparing several candidates with one reference: its greedy paths and
+    probabilities are then computed once (on CPU the 4-bit reference is the slow part).
     """
     from hb_utils.metrics import rouge_per_example
 
     if not questions:
         raise ValueError("compare_models needs at least one question")
     agree, dp, ref_texts, cand_texts, same_prompt_ids = [], [], [], [], []
+    cache = reference_cache if reference_cache is not None else {}
     for q in questions:
         ids = prompt_ids(tokenizer, q, system_prompt)
         if candidate_tokenizer is not None:
             same_prompt_ids.append(prompt_ids(candidate_tokenizer, q, system_prompt) == ids)
-        ref_new = greedy_ids(reference, tokenizer, ids, max_new_tokens)
+        key = f"{max_new_tokens}:{q}"
+        if key not in cache:
+            ref_new = greedy_ids(reference, tokenizer, ids, max_new_tokens)
+            cache[key] = (ref_new, next_token_probs(reference, ids + ref_new, len(ids)))
+        ref_new, p_ref = cache[key]
         path = ids + ref_new
-        p_ref = next_token_probs(reference, path, len(ids))
         p_cand = next_token_probs(candidate, path, len(ids))
         agree.extend((p_ref.argmax(-1) == p_cand.argmax(-1)).tolist())
         dp.extend((p_ref - p_cand).abs().amax(-1).tolist())

@@ -252,7 +252,7 @@ def export_run(run_dir: str | Path, *, merge_into: str = "auto", dtype: str = "f
     if not reuse:
         reference, tokenizer = modeling.load_adapter_model(cfg, adapter_dir)
         measured: dict[str, dict[str, Any]] = {}
-        best_mode, best = None, None
+        best_mode, best, cache = None, None, {}
         for mode in ("dequantized", "base"):
             log(f"merging into the {mode} weights and measuring on {len(questions)} test questions ...")
             t0 = time.perf_counter()
@@ -260,7 +260,7 @@ def export_run(run_dir: str | Path, *, merge_into: str = "auto", dtype: str = "f
             candidate = merge(cfg, adapter_dir, mode, quantized=reference).to(DTYPES[dtype]).float()
             merge_s = time.perf_counter() - t0
             measured[mode] = compare_models(reference, candidate, tokenizer, questions, cfg.system_prompt,
-                                            max_new_tokens=cfg.eval_max_new_tokens)
+                                            max_new_tokens=cfg.eval_max_new_tokens, reference_cache=cache)
             measured[mode].update(merge_seconds=round(merge_s, 1),
                                   measure_seconds=round(time.perf_counter() - t0 - merge_s, 1))
             wanted = mode == merge_into or (merge_into == "auto" and (best_mode is None

@@ -154,6 +154,21 @@ def test_reexport_of_the_same_adapter_reuses_the_merged_model(tiny_run: Path, ti
     assert again["merge_into"] == "dequantized"
 
 
+def test_compare_models_identity_and_reference_cache(tiny_run: Path):  # noqa: F811
+    from hb_utils.agreement import compare_models
+
+    cfg = export.run_config(tiny_run)
+    model, tok = modeling.load_adapter_model(cfg, RunPaths.for_config(cfg).adapter)
+    qs = export.eval_questions(cfg)[:2]
+    cache: dict = {}
+    same = compare_models(model, model, tok, qs, cfg.system_prompt, max_new_tokens=6, reference_cache=cache)
+    assert same["greedy_token_agreement"] == 1.0 and same["max_abs_dp"] == 0.0 and same["same_answer_text"] == 1.0
+    assert same["positions"] == 12 and len(cache) == 2
+    with model.disable_adapter():  # the reference is not run again: None would fail if it were
+        other = compare_models(None, model, tok, qs, cfg.system_prompt, max_new_tokens=6, reference_cache=cache)
+    assert other["max_abs_dp"] > 0.01
+
+
 # --------------------------------------------------------------------------- refusals (no model load)
 def test_export_refuses_a_run_without_adapter(tmp_path: Path):
     cfg = make_tiny_run(tmp_path)
