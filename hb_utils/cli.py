@@ -2,6 +2,8 @@
 
     hb run params/smoke.yaml [-p lora_r 16 ...] [-r name text] [-y 'yaml'] [--from 03 | --only 04] [--overwrite]
     hb compare outputs/smoke outputs/smoke_r16 [--out outputs/compare]
+    hb export outputs/smoke [--merge-into auto|base|dequantized] [--gguf f16|q8_0] [--overwrite]
+    hb chat outputs/smoke [--host 127.0.0.1] [--port 7860]      (or: hb chat outputs/smoke/export/merged)
 
 Why: papermill only warns on unknown parameters; ``hb run`` validates the whole config before any
 notebook starts and exits with status 2 naming the bad parameter, status 1 when a notebook fails (its
@@ -76,7 +78,34 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--out", default=None, help="output directory (default: outputs/compare)")
     cmp.add_argument("--no-report", action="store_true", help="write the tables and plots only, no executed 06 notebook")
     cmp.add_argument("--kernel", default="python3", help="Jupyter kernel for the 06_compare report")
+    exp = sub.add_parser("export", help="merge the adapter into a plain model (+ GGUF) under <run>/export/")
+    exp.add_argument("run_dir", help="run directory, e.g. outputs/smoke")
+    exp.add_argument("--merge-into", choices=("auto", "base", "dequantized"), default="auto",
+                     help="weights to merge into: the original base, the dequantized 4-bit ones the adapter was "
+                          "trained against, or auto (both are measured; the one closer to the evaluated model wins)")
+    exp.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16", help="dtype of the merged weights")
+    exp.add_argument("--gguf", choices=("f16", "q8_0"), default=None, help="also write a GGUF file + Ollama Modelfile")
+    exp.add_argument("--overwrite", action="store_true",
+                     help="replace an export of another adapter (the old folder is kept aside, renamed)")
+    chat = sub.add_parser("chat", help="chat with a trained run (or an exported merged model) in the browser")
+    chat.add_argument("model", help="run directory (outputs/smoke) or exported model (outputs/smoke/export/merged)")
+    chat.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    chat.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     return parser
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from hb_utils.export import export_run
+
+    export_run(args.run_dir, merge_into=args.merge_into, dtype=args.dtype, gguf=args.gguf, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from hb_utils.chat import serve
+
+    serve(args.model, host=args.host, port=args.port)
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -106,7 +135,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "compare": cmd_compare}[args.command](args)
+        return {"run": cmd_run, "compare": cmd_compare, "export": cmd_export,
+                "chat": cmd_chat}[args.command](args)
     except HBError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

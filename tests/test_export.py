@@ -1,0 +1,234 @@
+"""hb_utils.export / gguf_export / model_card: merged model, both merge modes measured, GGUF round trip, refusals.
+
+Fast tests run the whole export on a tiny random Llama with a random adapter (tests/conftest_chat.py);
+the slow ones export the session's trained smoke adapter on the real SmolLM2.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import torch
+
+from hb_utils import export, gguf_export, modeling
+from hb_utils.errors import ModelError, RunError
+from hb_utils.paths import RunPaths, read_json, write_json
+from tests.conftest_chat import make_tiny_run, tiny_run, trained_smoke_run  # noqa: F401 (fixtures)
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tiny_run: Path) -> dict:  # noqa: F811
+    """The tiny run exported once (merged + GGUF f16) for the fast tests of this module."""
+    return export.export_run(tiny_run, gguf="f16", log=lambda *_: None)
+
+
+def _merged(run: Path) -> Path:
+    return run / "export" / "merged"
+
+
+# --------------------------------------------------------------------------- fast: tiny model
+def test_merged_export_is_a_plain_transformers_model(tiny_run: Path, tiny_export: dict):  # noqa: F811
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged = _merged(tiny_run)
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert not any("lora" in n for n, _ in model.named_parameters())  # merged, not wrapped: no peft needed
+    with safe_open(str(merged / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    tok = AutoTokenizer.from_pretrained(merged)
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.chat_template and model.generation_config.eos_token_id == eot and model.config.eos_token_id == eot
+    assert tok.pad_token_id != eot
+    assert read_json(merged / export.EXPORT_CONFIG)["config"]["experiment"] == "tiny"
+
+
+def test_both_merge_modes_are_measured_and_the_closer_one_is_saved(tiny_run: Path, tiny_export: dict):  # noqa: F811
+    m = read_json(tiny_run / "export" / "merge_measurement.json")
+    deq, base = m["modes"]["dequantized"], m["modes"]["base"]
+    for v in (deq, base):
+        assert v["questions"] == 3 and v["positions"] > 0 and 0 <= v["greedy_token_agreement"] <= 1
+    # The adapter was put on the NF4 weights: merging into their dequantized values reproduces it up to
+    # fp16 rounding, merging into the original weights adds the quantisation error back.
+    assert deq["max_abs_dp"] < base["max_abs_dp"]
+    assert m["chosen"] == tiny_export["merge_into"] == "dequantized" and m["chosen_by"] == "measurement"
+
+
+def test_merged_model_reproduces_the_adapter_on_4bit(tiny_run: Path, tiny_export: dict):  # noqa: F811
+    """Independent of the recorded numbers: reload both from disk and compare greedy answers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hb_utils.generation import generate_answers
+
+    cfg = export.run_config(tiny_run)
+    ref, tok = modeling.load_adapter_model(cfg, RunPaths.for_config(cfg).adapter)
+    merged = AutoModelForCausalLM.from_pretrained(_merged(tiny_run), dtype=torch.float32)
+    qs = export.eval_questions(cfg)
+    kw = dict(max_new_tokens=8, progress=False, repetition_penalty=1.0)
+    a = [r.text for r in generate_answers(ref, tok, qs, cfg.system_prompt, **kw)]
+    b = [r.text for r in generate_answers(merged, AutoTokenizer.from_pretrained(_merged(tiny_run)), qs,
+                                          cfg.system_prompt, **kw)]
+    assert a == b
+
+
+def test_model_card_has_licence_citation_caveat_config_and_measurement(tiny_run: Path, tiny_export: dict):  # noqa: F811
+    card = (_merged(tiny_run) / "README.md").read_text()
+    for needle in ("CC BY 4.0", "Ben Abacha", "BMC Bioinformatics 20, 511 (2019)", "not medical advice",
+                   "Merged into the **dequantized** weights", "greedy-token agreement", '"lora_r": 4',
+                   "healthbot-tiny-f16.gguf", "No `metrics/eval.json`"):
+        assert needle in card, needle
+
+
+def test_model_card_shows_eval_results_with_intervals(tiny_run: Path, tiny_export: dict, monkeypatch):  # noqa: F811
+    from hb_utils import evaluation, model_card
+
+    cfg = export.run_config(tiny_run)
+    ci = {"value": 0.2, "ci_low": 0.1, "ci_high": 0.3}
+    fake = {"fingerprints": cfg.fingerprints(), "settings": {"eval_examples": 3},
+            "generation": {"rougeL": {"base": ci, "finetuned": ci, "delta": {"delta": 0.0, "ci_low": -0.1,
+                                                                               "ci_high": 0.1}}},
+            "perplexity": {s: {k: {"label": k, "ppl": 9.5, "value": 9.5, "ci_low": 9.0, "ci_high": 10.0, "tokens": 5}
+                               for k in ("answer_token_weighted", "original_per_example_full_text")}
+                           for s in ("base", "finetuned")}}
+    monkeypatch.setattr(evaluation, "load_eval", lambda c: fake)
+    eval_path = RunPaths.for_config(cfg).metrics / "eval.json"
+    write_json(eval_path, fake)
+    try:
+        record = read_json(tiny_run / "export" / export.MARKER)
+        card = model_card.write_model_card(cfg, export.ExportPaths.for_config(cfg), record).read_text()
+    finally:
+        eval_path.unlink()
+    assert "ROUGE-L" in card and "20.0 [10.0, 30.0]" in card and "9.50 [9.00, 10.00]" in card
+
+
+def test_gguf_f16_round_trip_is_exact_and_has_a_modelfile(tiny_run: Path, tiny_export: dict):  # noqa: F811
+    g = tiny_export["gguf"]["f16"]
+    rt = g["roundtrip"]
+    assert rt["greedy_token_agreement"] == 1.0 and rt["max_abs_dp"] < 1e-6 and rt["same_prompt_token_ids"] == 1.0
+    from gguf import GGUFReader
+
+    reader = GGUFReader(g["file"])
+    names = {t.name for t in reader.tensors}
+    assert "output.weight" in names and "blk.0.attn_q.weight" in names  # untied head, llama.cpp names
+    assert reader.get_field("tokenizer.ggml.eos_token_id").contents() == 2
+    assert "<|im_start|>" in reader.get_field("tokenizer.chat_template").contents()
+    modelfile = Path(g["modelfile"]).read_text()
+    assert "FROM ./healthbot-tiny-f16.gguf" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert "You are HealthBot" in modelfile
+
+
+def test_modelfile_template_renders_like_the_jinja_template(tiny_run: Path, tiny_export: dict):  # noqa: F811
+    """The Go template, evaluated for this simple shape, gives the same prompt as the chat template."""
+    import re
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(_merged(tiny_run))
+    text = Path(tiny_export["gguf"]["f16"]["modelfile"]).read_text()
+    template = re.search(r'TEMPLATE """(.*?)"""', text, re.S).group(1)
+    body, tail = re.fullmatch(r"\{\{ range \.Messages \}\}(.*)\{\{ end \}\}\{\{ end \}\}(.*)", template, re.S).groups()
+    branches = dict(re.findall(r'\{\{ (?:else )?if eq \.Role "(\w+)" \}\}(.*?)(?=\{\{ else if|\Z)', body, re.S))
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
+            {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}]
+    go = "".join(branches[m["role"]].replace("{{ .Content }}", m["content"]) for m in msgs) + tail
+    assert go == tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+def test_gguf_q8_0_is_smaller_and_close(tiny_run: Path, tiny_export: dict):  # noqa: F811
+    cfg = export.run_config(tiny_run)
+    out = gguf_export.export_gguf(cfg, _merged(tiny_run), tiny_run / "export" / "gguf", "q8_0",
+                                  export.eval_questions(cfg), log=lambda *_: None)
+    assert out["bytes"] < 0.65 * tiny_export["gguf"]["f16"]["bytes"]
+    assert out["roundtrip"]["greedy_token_agreement"] > 0.5 and out["roundtrip"]["max_abs_dp"] < 0.5
+
+
+def test_reexport_of_the_same_adapter_reuses_the_merged_model(tiny_run: Path, tiny_export: dict):  # noqa: F811
+    before = (_merged(tiny_run) / "model.safetensors").stat().st_mtime_ns
+    again = export.export_run(tiny_run, log=lambda *_: None)
+    assert (_merged(tiny_run) / "model.safetensors").stat().st_mtime_ns == before
+    assert again["merge_into"] == "dequantized"
+
+
+def test_compare_models_identity_and_reference_cache(tiny_run: Path):  # noqa: F811
+    from hb_utils.agreement import compare_models
+
+    cfg = export.run_config(tiny_run)
+    model, tok = modeling.load_adapter_model(cfg, RunPaths.for_config(cfg).adapter)
+    qs = export.eval_questions(cfg)[:2]
+    cache: dict = {}
+    same = compare_models(model, model, tok, qs, cfg.system_prompt, max_new_tokens=6, reference_cache=cache)
+    assert same["greedy_token_agreement"] == 1.0 and same["max_abs_dp"] == 0.0 and same["same_answer_text"] == 1.0
+    assert same["positions"] == 12 and len(cache) == 2
+    with model.disable_adapter():  # the reference is not run again: None would fail if it were
+        other = compare_models(None, model, tok, qs, cfg.system_prompt, max_new_tokens=6, reference_cache=cache)
+    assert other["max_abs_dp"] > 0.01
+
+
+# --------------------------------------------------------------------------- refusals (no model load)
+def test_export_refuses_a_run_without_adapter(tmp_path: Path):
+    cfg = make_tiny_run(tmp_path)
+    shutil.rmtree(RunPaths.for_config(cfg).adapter)
+    with pytest.raises(ModelError, match="No trained LoRA adapter"):
+        export.export_run(RunPaths.for_config(cfg).root)
+
+
+def test_export_refuses_a_folder_that_is_no_run(tmp_path: Path):
+    with pytest.raises(RunError, match="not a run directory"):
+        export.export_run(tmp_path)
+
+
+def test_export_of_another_adapter_is_refused_then_moved_aside(tmp_path: Path):
+    cfg = make_tiny_run(tmp_path)
+    paths = export.ExportPaths.for_config(cfg)
+    paths.merged.mkdir(parents=True)
+    (paths.merged / "model.safetensors").write_text("old")
+    write_json(paths.marker, {"adapter": {"weights_sha256": "0" * 64, "fingerprint": "other"}})
+    identity = export.adapter_identity(RunPaths.for_config(cfg).adapter)
+    with pytest.raises(RunError, match="another adapter.*--overwrite"):
+        export.claim_export_dir(paths, identity, overwrite=False)
+    assert export.claim_export_dir(paths, identity, overwrite=True) is None
+    kept = list(paths.root.parent.glob("export.replaced-*"))
+    assert len(kept) == 1 and (kept[0] / "merged" / "model.safetensors").read_text() == "old"
+    assert not paths.root.exists()
+
+
+def test_export_refuses_when_the_disk_is_too_full(tmp_path: Path, monkeypatch):
+    cfg = make_tiny_run(tmp_path)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(export.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(RunError, match="Not enough disk space"):
+        export.export_run(RunPaths.for_config(cfg).root, log=lambda *_: None)
+    assert not (RunPaths.for_config(cfg).root / "export" / "merged").exists()
+
+
+def test_cli_export_reports_errors_without_traceback(tmp_path: Path, capsys):
+    from hb_utils.cli import main
+
+    assert main(["export", str(tmp_path)]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- slow: trained SmolLM2 smoke adapter
+@pytest.mark.slow
+def test_smoke_export_merged_and_gguf_on_smollm2(trained_smoke_run: Path):  # noqa: F811
+    from transformers import AutoModelForCausalLM
+
+    record = export.export_run(trained_smoke_run, gguf="f16", log=print)
+    m = read_json(trained_smoke_run / "export" / "merge_measurement.json")
+    print(json.dumps(m["modes"], indent=1), json.dumps(record["gguf"]["f16"]["roundtrip"], indent=1))
+    assert m["modes"][record["merge_into"]]["greedy_token_agreement"] >= 0.95
+    assert record["gguf"]["f16"]["roundtrip"]["greedy_token_agreement"] == 1.0
+    model = AutoModelForCausalLM.from_pretrained(_merged(trained_smoke_run))
+    assert model.config.tie_word_embeddings  # SmolLM2: no separate output matrix in the GGUF either
+    card = (_merged(trained_smoke_run) / "README.md").read_text()
+    assert "license: apache-2.0" in card
+    q8 = gguf_export.export_gguf(export.run_config(trained_smoke_run), _merged(trained_smoke_run),
+                                 trained_smoke_run / "export" / "gguf", "q8_0",
+                                 export.eval_questions(export.run_config(trained_smoke_run)), log=print)
+    print(json.dumps(q8["roundtrip"], indent=1))
+    assert q8["roundtrip"]["greedy_token_agreement"] >= 0.9
