@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hb_utils import modeling
+from hb_utils import device, modeling
+from hb_utils import tokenizer as tokenizer_policy
 from hb_utils.config import ExperimentConfig
 from hb_utils.errors import ModelError, RunError
 from hb_utils.paths import RunPaths, read_json, resolve
@@ -87,7 +88,7 @@ def load_chat_model(path: str | Path) -> ChatModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = ExperimentConfig(**read_json(root / EXPORT_CONFIG)["config"])
-    dtype = modeling.resolve_compute_dtype(cfg.compute_dtype)
+    dtype = device.resolve_compute_dtype(cfg.compute_dtype)
     model = AutoModelForCausalLM.from_pretrained(root, dtype=dtype, attn_implementation="sdpa").eval()
     return ChatModel(model, AutoTokenizer.from_pretrained(root), cfg, "merged", root)
 
@@ -150,7 +151,7 @@ class StopFlag:
 def generation_kwargs(chat: ChatModel, temperature: float, top_p: float, repetition_penalty: float,
                       max_new_tokens: int) -> dict[str, Any]:
     """``generate`` settings; temperature 0 means greedy (as 04 evaluates)."""
-    kw: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "eos_token_id": modeling.stop_token_ids(chat.tokenizer),
+    kw: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "eos_token_id": tokenizer_policy.stop_token_ids(chat.tokenizer),
                           "pad_token_id": chat.tokenizer.pad_token_id, "repetition_penalty": float(repetition_penalty)}
     if temperature and temperature > 0:
         kw.update(do_sample=True, temperature=float(temperature), top_p=float(top_p))

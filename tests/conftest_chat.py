@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from hb_utils.paths import RunPaths
 
-from hb_utils import data, modeling, runner, training
+from hb_utils import data, model_source, modeling, runner, training
 from hb_utils.config import ExperimentConfig, load_config
 from hb_utils.errors import ModelError
-from hb_utils.paths import RunPaths
 from tests.conftest import ROOT, write_release
 
 _MEMO: dict[str, Path] = {}
@@ -28,7 +28,7 @@ _MEMO: dict[str, Path] = {}
 
 def _smollm2_dir() -> Path:
     try:
-        return Path(modeling.resolve_model_path(modeling.SMOLLM2_ALIAS))
+        return Path(model_source.resolve_model_path(model_source.SMOLLM2_ALIAS))
     except ModelError as exc:
         pytest.skip(f"offline model unavailable: {exc}")
 

@@ -69,22 +69,22 @@ def llama():
 
 def trl_batch(tokenizer, convs: Sequence[list[dict[str, str]]], workdir: Path) -> dict[str, torch.Tensor]:
     """One training batch of ``convs`` made by TRL's SFTTrainer itself: the project's records
-    (training.to_prompt_completion), SFTConfig (training.build_sft_config), TRL's tokenization and
+    (trl_setup.to_prompt_completion), SFTConfig (trl_setup.build_sft_config), TRL's tokenization and
     collator; the model is a tiny random Llama."""
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl import SFTTrainer
 
-    from hb_utils import training
+    from hb_utils import trl_setup
     from hb_utils.config import ExperimentConfig
 
     cfg = ExperimentConfig(output_root=str(workdir), gradient_checkpointing=False)
-    args = training.build_sft_config(cfg, output_dir=workdir / "trl", has_eval=False, compute_dtype=torch.float32)
+    args = trl_setup.build_sft_config(cfg, output_dir=workdir / "trl", has_eval=False, compute_dtype=torch.float32)
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                                          max_position_embeddings=512))
     trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
-                         train_dataset=training.to_prompt_completion([{"messages": c} for c in convs]))
+                         train_dataset=trl_setup.to_prompt_completion([{"messages": c} for c in convs]))
     ds = trainer.train_dataset
     batch = trainer.data_collator([ds[i] for i in range(len(ds))])
     batch["model"] = trainer.model
