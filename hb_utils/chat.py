@@ -39,7 +39,7 @@ from hb_utils import device, modeling
 from hb_utils import tokenizer as tokenizer_policy
 from hb_utils.config import ExperimentConfig
 from hb_utils.errors import ModelError, RunError
-from hb_utils.paths import RunPaths, read_json, resolve
+from hb_utils.run_dir import RunPaths, read_json, resolve
 
 if TYPE_CHECKING:
     import gradio as gr

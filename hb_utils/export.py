@@ -33,11 +33,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hb_utils import model_source, modeling
+from hb_utils import model_source, modeling, run_dir
 from hb_utils import tokenizer as tokenizer_policy
 from hb_utils.config import ExperimentConfig
 from hb_utils.errors import ConfigError, ModelError, RunError
-from hb_utils.paths import RunPaths, read_json, resolve, utc_now, write_json
+from hb_utils.run_dir import RunPaths, read_json, resolve, utc_now, write_json
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -199,7 +199,7 @@ def save_merged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg:
     if bad:
         raise ModelError(f"{len(bad)} merged tensors overflow {dtype} (e.g. {bad[0]}); export with --dtype bf16.")
     stops = tokenizer_policy.stop_token_ids(tokenizer)
-    eot = tokenizer.convert_tokens_to_ids(modeling.end_of_turn_token(tokenizer))
+    eot = tokenizer.convert_tokens_to_ids(tokenizer_policy.end_of_turn_token(tokenizer))
     model.config.eos_token_id = eot
     model.config.pad_token_id = tokenizer.pad_token_id
     gen = model.generation_config
@@ -218,7 +218,7 @@ def save_merged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg:
     if target.exists():  # this adapter's previous export (claim_export_dir checked)
         shutil.rmtree(target)
     try:
-        return modeling.write_dir_atomically(target, write, marker="config.json")
+        return run_dir.write_dir_atomically(target, write, marker="config.json")
     finally:
         tokenizer.padding_side = side
 

@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from hb_utils import model_source, modeling
+from hb_utils import model_source
 from hb_utils import tokenizer as tokenizer_policy
 from hb_utils.config import ExperimentConfig
 from hb_utils.errors import ModelError
-from hb_utils.paths import write_json
+from hb_utils.run_dir import write_json
 
 log_ = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def pre_tokenizer_name(cfg: ExperimentConfig) -> str:
     if cfg.model_name.strip().lower() == model_source.SMOLLM2_ALIAS:
         from gguf import GGUFReader
 
-        field = GGUFReader(modeling.packaged_gguf()).get_field("tokenizer.ggml.pre")
+        field = GGUFReader(model_source.packaged_gguf()).get_field("tokenizer.ggml.pre")
         if field is not None:
             return field.contents()
     log_.warning("Writing tokenizer.ggml.pre=default for %s: llama.cpp may split text slightly differently",
@@ -159,7 +159,7 @@ def _go_literal(text: str) -> str:
 def role_wrappers(tokenizer: Any) -> dict[str, tuple[str, str]]:
     """Per role, the text the Jinja chat template puts before and after a message's content, found by
     rendering sentinels (a message ends after the end-of-turn token and its trailing newline)."""
-    eot = modeling.end_of_turn_token(tokenizer)
+    eot = tokenizer_policy.end_of_turn_token(tokenizer)
     s = {"system": "HBSYS1", "user": "HBUSR1", "assistant": "HBAST1", "user2": "HBUSR2"}
     msgs = [{"role": "system", "content": s["system"]}, {"role": "user", "content": s["user"]},
             {"role": "assistant", "content": s["assistant"]}, {"role": "user", "content": s["user2"]}]

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from hb_utils.config import ExperimentConfig
 from hb_utils.errors import HBError
-from hb_utils.paths import RunPaths, read_json
+from hb_utils.run_dir import RunPaths, read_json
 
 if TYPE_CHECKING:
     from hb_utils.export import ExportPaths
@@ -30,13 +30,13 @@ CAVEAT = ("HealthBot is a research model fine-tuned on a small sample of MedQuAD
 def base_model_licence(cfg: ExperimentConfig) -> str | None:
     """The base model's licence where the kit can know it offline: the packaged SmolLM2 GGUF states
     it in ``general.license``; for other models the card points to the base model's own card."""
-    from hb_utils import model_source, modeling
+    from hb_utils import model_source
 
     if cfg.model_name.strip().lower() != model_source.SMOLLM2_ALIAS:
         return None
     from gguf import GGUFReader
 
-    field = GGUFReader(modeling.packaged_gguf()).get_field("general.license")
+    field = GGUFReader(model_source.packaged_gguf()).get_field("general.license")
     return field.contents() if field is not None else None
 
 
@@ -84,7 +84,7 @@ def _gguf_section(record: dict[str, Any]) -> str:
 
 def _shown(path: Path) -> str:
     """``path`` relative to the repository root when inside it (outputs/<exp>/...), else absolute."""
-    from hb_utils.paths import repo_root
+    from hb_utils.run_dir import repo_root
 
     try:
         return str(path.relative_to(repo_root()))

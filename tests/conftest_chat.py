@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hb_utils.paths import RunPaths
 
 from hb_utils import data, model_source, modeling, runner, training
 from hb_utils.config import ExperimentConfig, load_config
 from hb_utils.errors import ModelError
+from hb_utils.run_dir import RunPaths
 from tests.conftest import ROOT, write_release
 
 _MEMO: dict[str, Path] = {}

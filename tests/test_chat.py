@@ -13,11 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hb_utils.paths import RunPaths, read_json, write_json
 
 from hb_utils import chat, export
 from hb_utils.errors import ModelError, RunError
 from hb_utils.generation import generate_answers
+from hb_utils.run_dir import RunPaths, read_json, write_json
 from tests.conftest_chat import make_tiny_run, tiny_run, trained_smoke_run  # noqa: F401 (fixtures)
 
 QUESTION = "What are the symptoms of asthma?"

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hb_utils.paths import RunPaths, read_json, write_json
 
 from hb_utils import export, gguf_export, modeling
 from hb_utils.errors import ModelError, RunError
+from hb_utils.run_dir import RunPaths, read_json, write_json
 from tests.conftest_chat import make_tiny_run, tiny_run, trained_smoke_run  # noqa: F401 (fixtures)
 
 
