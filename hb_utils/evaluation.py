@@ -208,3 +208,15 @@ def extreme_examples(frame: pd.DataFrame, k: int = 3, *, best: bool = True, by: 
     """The k best (or worst) test questions by a per-example score of the fine-tuned model."""
     cols = ["question", "reference", "base", "finetuned", "base_rougeL", "finetuned_rougeL"]
     return frame.sort_values(by, ascending=not best, kind="stable").head(k)[cols]
+
+
+def load_eval(cfg: ExperimentConfig) -> dict[str, Any]:
+    """``metrics/eval.json`` of this config (the model card and reports read it); refuses one made by
+    another evaluation config and names the parameters that differ."""
+    path = RunPaths.for_config(cfg).metrics / "eval.json"
+    if not path.is_file():
+        raise RunError(f"{path} does not exist: run 04_evaluate (or `hb run`) for this config first.")
+    result = run_dir.read_json(path)
+    run_dir.require(result.get("stamp"), cfg, "eval", what=path,
+                    fix="Rerun 04_evaluate (or `hb run --only 04`) with this config.")
+    return result

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hb_utils import export, gguf_export, modeling
+from hb_utils import export, gguf_export, modeling, run_dir
 from hb_utils.errors import ModelError, RunError
 from hb_utils.run_dir import RunPaths, read_json, write_json
 from tests.conftest_chat import make_tiny_run, tiny_run, trained_smoke_run  # noqa: F401 (fixtures)
@@ -89,12 +89,13 @@ def test_model_card_shows_eval_results_with_intervals(tiny_run: Path, tiny_expor
 
     cfg = export.run_config(tiny_run)
     ci = {"value": 0.2, "ci_low": 0.1, "ci_high": 0.3}
-    fake = {"fingerprints": cfg.fingerprints(), "settings": {"eval_examples": 3},
+    fake = {"stamp": run_dir.stamp(cfg, "eval", "test"), "settings": {"eval_examples": 3},
             "generation": {"rougeL": {"base": ci, "finetuned": ci, "delta": {"delta": 0.0, "ci_low": -0.1,
                                                                                "ci_high": 0.1}}},
             "perplexity": {s: {k: {"label": k, "ppl": 9.5, "value": 9.5, "ci_low": 9.0, "ci_high": 10.0, "tokens": 5}
                                for k in ("answer_token_weighted", "original_per_example_full_text")}
                            for s in ("base", "finetuned")}}
+    fake["perplexity"]["delta"] = {"delta": -0.5, "ci_low": -1.0, "ci_high": 0.0}
     monkeypatch.setattr(evaluation, "load_eval", lambda c: fake)
     eval_path = RunPaths.for_config(cfg).metrics / "eval.json"
     write_json(eval_path, fake)
