@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from hb_utils import data, metrics, modeling, perplexity, results, run_dir
+from hb_utils import data, eval_reruns, metrics, modeling, perplexity, results, run_dir
 from hb_utils.config import ExperimentConfig
 from hb_utils.errors import RunError
 from hb_utils.generation import GenResult, generate_answers
@@ -101,7 +101,7 @@ def run_evaluation(cfg: ExperimentConfig) -> dict[str, Any]:
             row[f"{system}_scores"] = {k: float(v[i]) for k, v in per_example[system].items()}
         row["fingerprint"] = fp
         rows.append(row)
-    run_dir.record_eval_rerun(cfg, "04_evaluate", made_by="evaluation.run_evaluation")  # other eval configs' metrics aside
+    eval_reruns.record_eval_rerun(cfg, "04_evaluate", made_by="evaluation.run_evaluation")  # other eval configs' metrics aside
     write_jsonl(run.metrics / "predictions.jsonl", rows)
     write_json(run.metrics / "eval.json", result)
     return result

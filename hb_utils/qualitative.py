@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from hb_utils import metrics, modeling, run_dir
+from hb_utils import eval_reruns, metrics, modeling, run_dir
 from hb_utils.config import ExperimentConfig
 from hb_utils.evaluation import generate
 from hb_utils.generation import GenResult
@@ -86,7 +86,7 @@ def run_qualitative(cfg: ExperimentConfig) -> list[dict[str, Any]]:
                      "base_flags": answer_flags(prompt, b), "finetuned_flags": answer_flags(prompt, f),
                      "base_tokens": b.n_new_tokens, "finetuned_tokens": f.n_new_tokens,
                      "sampling": sampling, "fingerprint": stamp["fingerprints"]["eval"]})
-    run_dir.record_eval_rerun(cfg, "05_qualitative", made_by="qualitative.run_qualitative")
+    eval_reruns.record_eval_rerun(cfg, "05_qualitative", made_by="qualitative.run_qualitative")
     write_jsonl(run.metrics / "qualitative.jsonl", rows)
     (run.metrics / "qualitative.md").write_text(qualitative_markdown(rows, {"experiment": cfg.experiment, **stamp}))
     return rows

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hb_utils import device, run_dir
+from hb_utils import device, eval_reruns, run_dir
 from hb_utils.config import ExperimentConfig, fields_in
 from hb_utils.errors import RunError
 
@@ -88,7 +88,7 @@ def open_run(cfg: ExperimentConfig, *, overwrite: bool = False, echo: Any = prin
     * nothing, or ``run``-scope fields only: the run continues; config.json records the new values;
     * ``eval``-scope fields only (data and train fingerprints equal): the same adapter is evaluated again,
       no retraining: 04/05 rerun, and their previous metrics and reports are kept in
-      ``metrics/previous/<eval fingerprint>/`` (:func:`hb_utils.run_dir.set_aside_eval`);
+      ``metrics/previous/<eval fingerprint>/`` (:func:`hb_utils.eval_reruns.set_aside_eval`);
     * ``data``/``train`` fields: refused, naming them, unless ``overwrite`` (the old run is renamed aside by
       :func:`hb_utils.run_dir.move_aside`, never deleted) — or the old run finished no stage, in which case
       the corrected config takes the directory over (a failed first attempt must not block its name);
@@ -110,7 +110,7 @@ def open_run(cfg: ExperimentConfig, *, overwrite: bool = False, echo: Any = prin
             return state
         if prints.get("train") == cfg.fingerprint("train"):
             run_dir.claim_dir(root, made_by="hb run")
-            moved = run_dir.set_aside_eval(paths, cfg, made_by="hb run", reports=True)
+            moved = eval_reruns.set_aside_eval(paths, cfg, made_by="hb run", reports=True)
             changed = _changes(cfg, recorded, fields_in("eval", "run"))
             old["config"], old["fingerprints"] = cfg.to_dict(), cfg.fingerprints()
             for stage in EVAL_STAGES:

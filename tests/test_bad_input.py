@@ -34,7 +34,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from hb_utils import cli, data, eda, modeling, run_dir, runner
+from hb_utils import cli, data, eda, eval_reruns, modeling, run_dir, runner
 from hb_utils.config import ExperimentConfig, load_config
 from hb_utils.errors import ConfigError, HBError
 from hb_utils.model_source import model_cache_root
@@ -105,7 +105,7 @@ def make_world(tmp_path: Path) -> World:
 def fake_stage(world: World) -> Callable:
     """A stand-in for runner.execute_stage: what each notebook writes, through the same library calls
     (begin's claim, data.load_raw / eda.write_summary, data.prepare_splits, the adapter and metrics stamps,
-    run_dir.record_eval_rerun), without a kernel or a model. A kit error fails the stage as papermill would."""
+    eval_reruns.record_eval_rerun), without a kernel or a model. A kit error fails the stage as papermill would."""
 
     def execute(stage: str, cfg: ExperimentConfig, reports: Path, kernel: str = "python3") -> runner.StageResult:
         world.calls.append(stage)
@@ -123,11 +123,11 @@ def fake_stage(world: World) -> Callable:
                 modeling.write_adapter_meta(cfg, paths.adapter)
                 run_dir.write_json(paths.metrics / "train.json", {"stamp": run_dir.stamp(cfg, "train", "fake")})
             elif stage == "04_evaluate":
-                run_dir.record_eval_rerun(cfg, stage, made_by="fake 04")
+                eval_reruns.record_eval_rerun(cfg, stage, made_by="fake 04")
                 run_dir.write_jsonl(paths.metrics / "predictions.jsonl", [{"fingerprint": cfg.fingerprint("eval")}])
                 run_dir.write_json(paths.metrics / "eval.json", {"stamp": run_dir.stamp(cfg, "eval", "fake")})
             elif stage == "05_qualitative":
-                run_dir.record_eval_rerun(cfg, stage, made_by="fake 05")
+                eval_reruns.record_eval_rerun(cfg, stage, made_by="fake 05")
                 run_dir.write_jsonl(paths.metrics / "qualitative.jsonl", [{"fingerprint": cfg.fingerprint("eval")}])
         except HBError as exc:
             return runner.StageResult(stage, "failed", 0.0, None, None,
@@ -431,7 +431,7 @@ CASES = [
     Case("train-change-refused", lambda w: run_base(w, *p("lora_r", 16), "--only", "04"), 2,
          (r"changed: lora_r: 8 -> 16",), setup=finished, item="3"),
     Case("04-run-directly-keeps-old-metrics-aside",
-         lambda w: call(lambda: run_dir.record_eval_rerun(w.cfg(eval_size=3), "04_evaluate", made_by="04 directly")), 0,
+         lambda w: call(lambda: eval_reruns.record_eval_rerun(w.cfg(eval_size=3), "04_evaluate", made_by="04 directly")), 0,
          (r"\[04_evaluate\] eval parameters differ from config.json \(eval_size: 8 -> 3\)",
           r"kept in metrics/previous/", r"config.json now records this config"),
          setup=finished, may_change=RUN, check=check_direct_04, item="3"),
