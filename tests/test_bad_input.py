@@ -39,7 +39,8 @@ from hb_utils.config import ExperimentConfig, load_config
 from hb_utils.errors import ConfigError, HBError
 from hb_utils.model_source import model_cache_root
 from hb_utils.notebook import config_from_namespace
-from tests.conftest import ROOT, write_release
+from tests.conftest import ROOT, SMOKE, as_flags, write_release
+from tests.conftest import hb as hb_process
 from tests.test_runner import fixture_notebook
 
 BASE = {"experiment": "smoke", "model_name": "smollm2-135m-instruct", "sample_size": 20, "min_question_chars": 5,
@@ -707,8 +708,6 @@ def evaluable_run(tmp_path_factory) -> tuple[Path, dict]:
 
     from hb_utils.tokenizer import load_tokenizer
 
-    from tests.conftest import SMOKE
-
     root = tmp_path_factory.mktemp("evaluable")
     params = {**BASE, "dataset": str(write_release(root / "release", n_docs=30)), "output_root": str(root / "outputs"),
               "sample_size": 40, "eval_size": 2, "ppl_size": 2, "eval_max_new_tokens": 8, "gen_batch_size": 2,
@@ -734,9 +733,6 @@ def test_eval_reruns_on_a_finished_run_keep_the_recorded_metrics(evaluable_run):
     """Issue 13, item 3, with real kernels: `hb run -p eval_size 3 --only 04` on a finished run reruns 04 on the
     same adapter (03's files untouched) and keeps the previous metrics and report aside; then 04 run directly with
     papermill and yet another eval_size does the same and updates config.json."""
-    from tests.conftest import SMOKE, as_flags
-    from tests.conftest import hb as hb_process
-
     root, params = evaluable_run
     first = load_config(SMOKE, **params)
     run = run_dir.RunPaths.for_config(first)
