@@ -39,7 +39,8 @@ from hb_utils.config import ExperimentConfig, load_config
 from hb_utils.errors import ConfigError, HBError
 from hb_utils.model_source import model_cache_root
 from hb_utils.notebook import config_from_namespace
-from tests.conftest import ROOT, write_release
+from tests.conftest import ROOT, SMOKE, as_flags, write_release
+from tests.conftest import hb as hb_process
 from tests.test_runner import fixture_notebook
 
 BASE = {"experiment": "smoke", "model_name": "smollm2-135m-instruct", "sample_size": 20, "min_question_chars": 5,
@@ -698,26 +699,67 @@ def test_ctrl_c_prints_one_line_and_marks_the_stage(tmp_path):
     assert json.loads(conf.read_text())["stages"]["02_b"]["status"] == "interrupted"
 
 
+@pytest.fixture(scope="module")
+def evaluable_run(tmp_path_factory) -> tuple[Path, dict]:
+    """A run whose stages 01-03 are done, with a real (untrained: LoRA B = 0) adapter of the offline SmolLM2
+    and metrics of its config from an earlier 04/05 (stamped stand-ins): enough for real 04 runs, without the
+    minutes of training."""
+    from peft import get_peft_model
+
+    from hb_utils.tokenizer import load_tokenizer
+
+    root = tmp_path_factory.mktemp("evaluable")
+    params = {**BASE, "dataset": str(write_release(root / "release", n_docs=30)), "output_root": str(root / "outputs"),
+              "sample_size": 40, "eval_size": 2, "ppl_size": 2, "eval_max_new_tokens": 8, "gen_batch_size": 2,
+              "bootstrap_samples": 20}
+    cfg = load_config(SMOKE, **params)  # the file and flags `hb run` gets below
+    world = World(root)
+    state = runner.open_run(cfg)
+    for stage in ("01_eda", "02_format_split", "04_evaluate", "05_qualitative"):
+        fake_stage(world)(stage, cfg, run_dir.RunPaths.for_config(cfg).reports)
+    paths = run_dir.RunPaths.for_config(cfg)
+    model = get_peft_model(modeling.load_base_model(cfg, for_training=True), modeling.lora_config(cfg))
+    model.save_pretrained(paths.adapter)
+    load_tokenizer(cfg.model_name).save_pretrained(paths.adapter)
+    modeling.write_adapter_meta(cfg, paths.adapter)
+    run_dir.write_json(paths.metrics / "train.json", {"stamp": run_dir.stamp(cfg, "train", "test")})
+    for stage in runner.STAGES:
+        state.set_stage(stage, {"status": "done"})
+    return root, params
+
+
 @pytest.mark.slow
-def test_hb_run_reevaluates_a_finished_run_without_retraining(smoke_series, tmp_path):
-    """`hb run ... -p eval_size N --only 04` on a finished run (a copy of the smoke series): 04 reruns on the
-    same adapter, 03's files stay as they were, the previous metrics and report are kept aside."""
-    import shutil
-
-    from tests.conftest import SMOKE, as_flags
-    from tests.conftest import hb as hb_process
-
-    shutil.copytree(smoke_series.root / "outputs", tmp_path / "outputs")
-    params = {**smoke_series.params, "output_root": str(tmp_path / "outputs")}
-    run = run_dir.RunPaths.for_config(load_config(SMOKE, **params))
-    adapter_before = snapshot(run.adapter)
-    train_before = (run.metrics / "train.json").read_bytes()
-    proc = hb_process("run", str(SMOKE), *as_flags({**params, "eval_size": 2, "ppl_size": 2}), "--only", "04")
+def test_eval_reruns_on_a_finished_run_keep_the_recorded_metrics(evaluable_run):
+    """Issue 13, item 3, with real kernels: `hb run -p eval_size 3 --only 04` on a finished run reruns 04 on the
+    same adapter (03's files untouched) and keeps the previous metrics and report aside; then 04 run directly with
+    papermill and yet another eval_size does the same and updates config.json."""
+    root, params = evaluable_run
+    first = load_config(SMOKE, **params)
+    run = run_dir.RunPaths.for_config(first)
+    adapter_before, train_before = snapshot(run.adapter), (run.metrics / "train.json").read_bytes()
+    proc = hb_process("run", str(SMOKE), *as_flags({**params, "eval_size": 3}), "--only", "04")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "the adapter is reused and 04/05 rerun" in proc.stdout
+    assert "evaluation parameters changed (eval_size: 2 -> 3): the adapter is reused and 04/05 rerun" in proc.stdout
     assert snapshot(run.adapter) == adapter_before and (run.metrics / "train.json").read_bytes() == train_before
-    kept = run.metrics / "previous" / smoke_series.cfg.fingerprint("eval")
-    assert (kept / "eval.json").is_file() and (kept / "04_evaluate.html").is_file()
+    kept = run.metrics / "previous" / first.fingerprint("eval")
+    assert json.loads((kept / "eval.json").read_text())["stamp"]["params"]["eval_size"] == 2
+    assert (kept / "04_evaluate.ipynb").is_file() and (kept / "qualitative.jsonl").is_file()
     conf = json.loads(run.config_json.read_text())
-    assert conf["config"]["eval_size"] == 2 and conf["stages"]["04_evaluate"]["status"] == "done"
-    assert json.loads((run.metrics / "eval.json").read_text())["settings"]["eval_examples"] == 2
+    assert conf["config"]["eval_size"] == 3 and conf["stages"]["04_evaluate"]["status"] == "done"
+    assert conf["stages"]["05_qualitative"]["status"] == "stale"
+    assert json.loads((run.metrics / "eval.json").read_text())["settings"]["eval_examples"] == 3
+
+    # 04 on its own, as `papermill notebooks/04_evaluate.ipynb OUT -f params/smoke.yaml -p ... -p eval_size 1`
+    flags = [x for k, v in {**params, "eval_size": 1}.items() for x in ("-p", k, str(v))]
+    pm = subprocess.run([sys.executable, "-m", "papermill", str(ROOT / "notebooks" / "04_evaluate.ipynb"),
+                         str(root / "direct04.ipynb"), "-f", str(SMOKE), *flags], capture_output=True, text=True,
+                        env={**os.environ, "HB_HEADLESS": "1"})
+    assert pm.returncode == 0, pm.stderr[-3000:]
+    assert "eval parameters differ from config.json (eval_size: 3 -> 1)" in (root / "direct04.ipynb").read_text()
+    second = load_config(SMOKE, **{**params, "eval_size": 3})
+    assert json.loads((run.metrics / "previous" / second.fingerprint("eval") / "eval.json").read_text())[
+        "settings"]["eval_examples"] == 3
+    conf = json.loads(run.config_json.read_text())
+    assert conf["config"]["eval_size"] == 1 and conf["fingerprints"]["eval"] == load_config(
+        SMOKE, **{**params, "eval_size": 1}).fingerprint("eval")
+    assert json.loads((run.metrics / "eval.json").read_text())["settings"]["eval_examples"] == 1

@@ -71,7 +71,7 @@ def test_run_writes_reports_config_and_html(stages, tmp_path, capfd):
     assert (root / "ran" / "03_c").read_text() == "4"  # the same resolved parameters reached every notebook
     conf = json.loads((root / "config.json").read_text())
     assert conf["fingerprints"]["eval"] == cfg.fingerprint() and conf["config"]["lora_r"] == 4
-    assert conf["packages"]["torch"] and "cpu_count" in conf["hardware"]
+    assert conf["machine"]["versions"]["torch"] and conf["machine"]["cpu"]["cores"]
     assert all(conf["stages"][s]["status"] == "done" for s in runner.STAGES)
     html = (root / "reports" / "01_a.html").read_text()
     assert "data:image/png;base64" in html and "hb-toggle" in html
