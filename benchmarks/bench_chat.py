@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import statistics
 import subprocess
@@ -39,6 +38,15 @@ def cpu_info() -> dict[str, object]:
     flags = fields.get("Flags", "").split()
     return {"model": fields.get("Model name", "?").strip(), "cpus": fields.get("CPU(s)", "?").strip(),
             "avx512_bf16": "avx512_bf16" in flags, "amx": any(f.startswith("amx") for f in flags)}
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS (VmHWM). Not getrusage's ru_maxrss: Linux carries that over from the
+    parent through fork + exec, so every worker would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def worker(path: str, new_tokens: int, repeats: int) -> dict[str, object]:
@@ -80,7 +88,7 @@ def worker(path: str, new_tokens: int, repeats: int) -> dict[str, object]:
     return {"path": path, "kind": cm.kind, "prompt_tokens": len(ids), "new_tokens": new_tokens, "load_s": round(load_s, 1),
             "ttft_s": statistics.median(r["ttft_s"] for r in runs),
             "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "threads": torch.get_num_threads(),
+            "peak_rss_mib": peak_rss_mib(), "threads": torch.get_num_threads(),
             "text": text}
 
 

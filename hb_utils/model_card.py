@@ -97,7 +97,8 @@ def write_model_card(cfg: ExperimentConfig, paths: ExportPaths, record: dict[str
     licence = base_model_licence(cfg)
     front = ["---", f"base_model: {cfg.model_name}", f"license: {licence or 'other'}", "datasets:", "- MedQuAD",
              "language:", "- en", "tags:", "- medical", "- qlora", "- lora-merged", "- healthbot", "---"]
-    config_json = json.dumps(cfg.to_dict(), indent=2)
+    run_json = RunPaths.for_config(cfg).config_json  # as the run recorded it (not re-pointed at this folder)
+    config_json = json.dumps(read_json(run_json)["config"] if run_json.is_file() else cfg.to_dict(), indent=2)
     body = f"""
 # HealthBot ({cfg.experiment}): {cfg.model_name} fine-tuned on MedQuAD, LoRA merged
 
