@@ -136,7 +136,11 @@ def prepare_worker(cfg: ExperimentConfig, *, resume_from: str | None,
                    callbacks: Sequence[TrainerCallback] = ()) -> TrainRun:
     """One rank of a multi-process run: the launcher already checked the run directory and chose
     ``resume_from``, so no rank deletes or picks checkpoints on its own; the splits are read."""
-    return _build(cfg, run_dir.RunPaths.for_config(cfg), data.ensure_splits(cfg), resume_from, callbacks)
+    run = _build(cfg, run_dir.RunPaths.for_config(cfg), data.ensure_splits(cfg), resume_from, callbacks)
+    if distributed.is_main_process():  # what 03 shows before training, shown here once, by rank 0
+        print(f"[train] {describe(run).splitlines()[2]}", flush=True)
+        print("[train] training example 0 (supervised part in ⟦ ⟧):\n" + example_view(run, 0), flush=True)
+    return run
 
 
 def _build(cfg: ExperimentConfig, run_paths: run_dir.RunPaths, splits: dict[str, list[dict[str, Any]]],
@@ -218,9 +222,6 @@ def fit(run: TrainRun) -> dict[str, Any]:
         if run.resume_from is None:
             _stamp_checkpoints(cfg)
         print(f"[train] {describe(run).splitlines()[1]}", flush=True)
-        if distributed.in_worker():
-            print(f"[train] {describe(run).splitlines()[2]}", flush=True)
-            print("[train] training example 0 (supervised part in ⟦ ⟧):\n" + example_view(run, 0), flush=True)
         if run.resume_from:
             print(f"[train] resuming from {run.resume_from}", flush=True)
     state0 = {"step": 0, "tokens": 0}
