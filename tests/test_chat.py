@@ -201,6 +201,20 @@ def test_serve_prints_the_url_and_binds_localhost(tiny_run: Path, capsys):  # no
         demo.close()
 
 
+def test_port_taken_while_the_model_loads_is_a_clear_error(tiny_run: Path, monkeypatch):  # noqa: F811
+    port, real_load = _free_port(), chat.load_chat_model
+    with socket.socket() as busy:
+        def load_then_take(path):
+            cm = real_load(path)
+            busy.bind(("127.0.0.1", port))  # another program grabs the port during the load
+            busy.listen()
+            return cm
+
+        monkeypatch.setattr(chat, "load_chat_model", load_then_take)
+        with pytest.raises(RunError, match=f"Cannot listen on 127.0.0.1:{port}"):
+            chat.serve(tiny_run, port=port, block=False)
+
+
 def test_notebook_helper_skips_headless_runs(tiny_run: Path, monkeypatch, capsys):  # noqa: F811
     monkeypatch.setenv("HB_HEADLESS", "1")
     assert chat.show_in_notebook(tiny_run) is None
