@@ -253,9 +253,10 @@ def test_browser_chat_streams_an_answer(trained_smoke_run: Path):  # noqa: F811
             "--disable-component-update", "--disable-sync", "--no-first-run"])
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 900})
-            page.goto(demo.local_url, wait_until="networkidle", timeout=120_000)
-            assert "not medical advice" in page.inner_text("body")
+            page.goto(demo.local_url, wait_until="load", timeout=120_000)  # gradio keeps a stream open: no networkidle
             box = page.locator("#hb-input textarea")
+            box.wait_for(timeout=120_000)
+            assert "not medical advice" in page.inner_text("body")
             box.fill(QUESTION)
             box.press("Enter")
             bot = page.locator("#hb-chatbot .message.bot, #hb-chatbot [data-testid='bot']").last
