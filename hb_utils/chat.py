@@ -279,7 +279,11 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 7860, *, block:
     check_port(host, port)  # before minutes of loading
     chat = load_chat_model(path)
     demo = build_app(chat)
-    url = launch(demo, host, port)
+    try:
+        url = launch(demo, host, port)
+    except OSError:  # taken while the model loaded
+        check_port(host, port)
+        raise
     print(f"HealthBot chat ({chat.kind}: {chat.source}) running on {url}  (Ctrl+C to stop)", flush=True)
     if block:
         try:

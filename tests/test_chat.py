@@ -201,6 +201,20 @@ def test_serve_prints_the_url_and_binds_localhost(tiny_run: Path, capsys):  # no
         demo.close()
 
 
+def test_port_taken_while_the_model_loads_is_a_clear_error(tiny_run: Path, monkeypatch):  # noqa: F811
+    port, real_load = _free_port(), chat.load_chat_model
+    with socket.socket() as busy:
+        def load_then_take(path):
+            cm = real_load(path)
+            busy.bind(("127.0.0.1", port))  # another program grabs the port during the load
+            busy.listen()
+            return cm
+
+        monkeypatch.setattr(chat, "load_chat_model", load_then_take)
+        with pytest.raises(RunError, match=f"Cannot listen on 127.0.0.1:{port}"):
+            chat.serve(tiny_run, port=port, block=False)
+
+
 def test_notebook_helper_skips_headless_runs(tiny_run: Path, monkeypatch, capsys):  # noqa: F811
     monkeypatch.setenv("HB_HEADLESS", "1")
     assert chat.show_in_notebook(tiny_run) is None
@@ -239,9 +253,10 @@ def test_browser_chat_streams_an_answer(trained_smoke_run: Path):  # noqa: F811
             "--disable-component-update", "--disable-sync", "--no-first-run"])
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 900})
-            page.goto(demo.local_url, wait_until="networkidle", timeout=120_000)
-            assert "not medical advice" in page.inner_text("body")
+            page.goto(demo.local_url, wait_until="load", timeout=120_000)  # gradio keeps a stream open: no networkidle
             box = page.locator("#hb-input textarea")
+            box.wait_for(timeout=120_000)
+            assert "not medical advice" in page.inner_text("body")
             box.fill(QUESTION)
             box.press("Enter")
             bot = page.locator("#hb-chatbot .message.bot, #hb-chatbot [data-testid='bot']").last
