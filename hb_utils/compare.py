@@ -150,12 +150,12 @@ def plot_metric_bars(runs: list[Run], path: Path | None = None,
 def write_tables(runs: list[Run], out_dir: Path) -> dict[str, Path]:
     """comparison.md / .csv, config_diff.csv and the two plots under ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    results, diff = results_table(runs), config_diff(runs)
-    results.to_csv(out_dir / "comparison.csv")
+    table, diff = results_table(runs), config_diff(runs)
+    table.to_csv(out_dir / "comparison.csv")
     diff.to_csv(out_dir / "config_diff.csv")
     md = ["# Experiment comparison", "", "Runs: " + ", ".join(f"`{r.root}`" for r in runs), "",
           "## Config differences", "", diff.to_markdown(), "", "## Results (fine-tuned; [95% bootstrap CI])", "",
-          results.T.to_markdown(), ""]
+          table.T.to_markdown(), ""]
     (out_dir / "comparison.md").write_text("\n".join(md))
     files = {"markdown": out_dir / "comparison.md", "csv": out_dir / "comparison.csv",
              "config_diff": out_dir / "config_diff.csv",

@@ -73,12 +73,12 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hb_utils.modeling import _configure_tokenizer
+    from hb_utils.tokenizer import configure_tokenizer
 
     t0 = time.perf_counter()
     print(f"Converting {gguf.name} once into {target} (later loads reuse it) ...", flush=True)
     with no_progress_bars():
-        tokenizer = _configure_tokenizer(AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name))
+        tokenizer = configure_tokenizer(AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name))
         gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                           dtype=torch.float32)
     # The GGUF-loaded model holds ordinary float32 tensors, but carries a GGUF quantizer that makes
