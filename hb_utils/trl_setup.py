@@ -177,4 +177,26 @@ def build_trainer(cfg: ExperimentConfig, args: SFTConfig, tokenizer: Any, train_
                             peft_config=modeling.lora_config(cfg), callbacks=list(callbacks))
     if cfg.fast_lora_dropout:
         lora_dropout.install(trainer.model)
+    keep_adapter_in_compute_precision(trainer.model, args)
     return trainer
+
+
+def keep_adapter_in_compute_precision(model: torch.nn.Module, args: SFTConfig) -> int:
+    """Trainable (LoRA) weights in fp32 unless the run computes in bf16; returns how many were changed.
+
+    TRL (1.x) casts every trainable weight of a quantized model to bf16 after building the adapter,
+    following the QLoRA paper, where bf16 is the compute dtype. Where it is not, that cast is costly:
+    with fp32 compute (CPUs without bf16 units, ``compute_dtype: auto`` there) every LoRA matmul became a
+    bf16 matmul, which such CPUs emulate at about 1 GFLOP/s -- 45 % of a smoke training step on an
+    AVX2-only EPYC went to the rank-8 LoRA products -- and with fp16 autocast (T4) the optimizer would
+    step bf16 weights. fp32 adapter weights are PEFT's own default (``autocast_adapter_dtype``) and are
+    exact master weights; in bf16 runs TRL's choice is kept.
+    """
+    if args.bf16:
+        return 0
+    changed = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
+            changed += 1
+    return changed

@@ -244,6 +244,18 @@ def _tiny_trainer(tmp_path):
     return trainer, next(iter(trainer.get_train_dataloader()))
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_adapter_weights_stay_fp32_unless_the_run_computes_in_bf16(bf16):
+    from types import SimpleNamespace
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)).to(torch.bfloat16)
+    model[0].requires_grad_(False)  # a frozen base weight keeps its dtype
+    changed = trl_setup.keep_adapter_in_compute_precision(model, SimpleNamespace(bf16=bf16))
+    assert changed == (0 if bf16 else 2)
+    assert model[0].weight.dtype == torch.bfloat16
+    assert model[1].weight.dtype == (torch.bfloat16 if bf16 else torch.float32)
+
+
 def test_supervised_logits_trainer_logs_token_accuracy_and_tokens_like_trl(tmp_path):
     from trl import SFTTrainer
 
@@ -309,6 +321,11 @@ def test_real_batch_supervises_exactly_the_answer_and_end_of_turn(tmp_path):
     view = training.example_view(run, 0)
     assert view.startswith("<|im_start|>system\n") and view.endswith(EOT + "\n⟧")
     assert view.count("⟦") == 1 and "assistant\n⟦" in view
+
+    # TRL casts QLoRA adapters to bf16; with fp32 compute they must stay fp32 (bf16 matmuls are emulated on
+    # AVX2-only CPUs: half of a step there)
+    trainable = {p.dtype for p in run.trainer.model.parameters() if p.requires_grad}
+    assert trainable == ({torch.bfloat16} if run.compute_dtype == torch.bfloat16 else {torch.float32})
 
     # LoRA dropout: hb_utils.lora_dropout's masks by default, PEFT's nn.Dropout on request
     assert {type(d).__name__ for d in lora_dropouts(run.trainer.model)} == {"FastDropout"}
