@@ -240,10 +240,20 @@ def diagnose(log_dir: Path, num_processes: int, launcher_stderr: str, rank0_outp
         return RankFailure(r, exit_code, first.get("type"), first.get("message", ""), _rank_tail(log_dir, r, rank0_output))
     if killed_rank is not None:
         how = f"killed by signal {-exit_code}" if exit_code is not None and exit_code < 0 else f"exit code {exit_code}"
-        return RankFailure(killed_rank, exit_code, None, f"the process {how}",
-                           _rank_tail(log_dir, killed_rank, rank0_output))
+        tail = _rank_tail(log_dir, killed_rank, rank0_output) or _early_stderr(launcher_stderr)
+        return RankFailure(killed_rank, exit_code, None, f"the process {how}", tail)
     tail = "\n".join(launcher_stderr.strip().splitlines()[-TAIL_LINES:])
     return RankFailure(None, None, None, "accelerate launch failed before the ranks reported", tail)
+
+
+def _early_stderr(launcher_stderr: str) -> str:
+    """What a rank printed to stderr before the worker redirected its output (an import or syntax error
+    of the worker itself): the launcher's stderr up to torchrun's own failure report."""
+    lines = launcher_stderr.splitlines()
+    end = next((i for i, line in enumerate(lines) if "failed (exitcode" in line or "ChildFailedError" in line),
+               len(lines))
+    kept = [line for line in lines[:end] if "warnings.warn(" not in line and "Warning:" not in line]
+    return "\n".join(kept[-TAIL_LINES:]).strip()
 
 
 def _rank_tail(log_dir: Path, r: int, rank0_output: str) -> str:

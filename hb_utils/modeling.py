@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hb_utils import attention, run_dir
+from hb_utils import attention, dequantized_weights, run_dir
 from hb_utils.config import LORA_TARGETS, ExperimentConfig
 from hb_utils.device import default_device, resolve_compute_dtype
 from hb_utils.errors import ConfigError, ModelError, RunError
@@ -193,6 +193,8 @@ def load_base_model(cfg: ExperimentConfig, *, for_training: bool = False,
         model.to(default_device())
     if qconf is not None and default_device().type == "cpu":
         use_dequantize_matmul_path(model)
+        if not for_training:
+            dequantized_weights.install(model)
     align_generation_config(model, tokenizer if tokenizer is not None else load_tokenizer(cfg.model_name))
     if for_training:
         model.config.use_cache = False

@@ -13,10 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import nbformat
-from nbconvert import HTMLExporter
-from nbconvert.preprocessors import TagRemovePreprocessor
-
 from hb_utils.config import ExperimentConfig, fields_in
 
 HIDDEN_CELL_TAGS = {"parameters", "injected-parameters", "hide-cell"}
@@ -37,6 +33,10 @@ def to_html(notebook: str | Path, output: str | Path | None = None) -> Path:
     """Render an executed notebook as one HTML file next to it (or at ``output``), parameters cells left out."""
     notebook = Path(notebook)
     output = Path(output) if output else notebook.with_suffix(".html")
+    import nbformat  # here, not at the top: begin() imports this module in every kernel, and nbformat's
+    from nbconvert import HTMLExporter  # schema validator pulls in a grammar that takes 3 s to build
+    from nbconvert.preprocessors import TagRemovePreprocessor
+
     nb = nbformat.read(notebook, as_version=4)
     exporter = HTMLExporter(template_name="lab")
     exporter.register_preprocessor(TagRemovePreprocessor(remove_cell_tags=HIDDEN_CELL_TAGS,

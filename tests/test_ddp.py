@@ -86,6 +86,29 @@ def test_diagnose_names_the_failed_rank_and_its_tail(tmp_path):
     assert (f.rank, f.error_type, f.message, f.tail) == (0, "RunError", "diverged", "rank 0 says hi")
 
 
+def test_a_rank_that_dies_before_the_worker_starts_shows_its_traceback(tmp_path):
+    """A syntax or import error in the worker itself: no rank log, no error report; the traceback is in
+    the launcher's stderr, before torchrun's summary."""
+    stderr = textwrap.dedent("""\
+          File "/tmp/worker.py", line 12
+            fh.write("x
+                     ^
+        SyntaxError: unterminated string literal (detected at line 12)
+        E1129 09:03:15 api.py:1002] failed (exitcode: 1) local_rank: 0 (pid: 7307) of binary: python
+        Traceback (most recent call last):
+          File "accelerate/commands/launch.py", line 1423, in <module>
+        torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+        Root Cause (first observed failure):
+        [0]:
+          rank      : 0 (local_rank: 0)
+          exitcode  : 1 (pid: 7307)
+    """)
+    f = distributed.diagnose(tmp_path, 2, stderr)
+    assert (f.rank, f.exit_code) == (0, 1)
+    assert f.tail.endswith("SyntaxError: unterminated string literal (detected at line 12)")
+    assert "ChildFailedError" not in f.tail
+
+
 def test_multinode_writes_one_accelerate_config_per_machine(tmp_path):
     cfg = small_cfg(tmp_path, num_processes=4)
     commands = distributed.write_multinode(cfg, num_machines=2, main_process_ip="10.0.0.1", main_process_port=29600,
@@ -138,14 +161,22 @@ RECORDER = textwrap.dedent("""\
 
     def setup(run):
         out = os.environ["HB_TEST_SEEN"]
-        collate = run.trainer.data_collator
+        trainer = run.trainer
+        collate, train_loader = trainer.data_collator, trainer.get_train_dataloader
 
         def recording(examples):
             with open(os.path.join(out, f"seen{distributed.rank()}.jsonl"), "a") as fh:
                 for ex in examples:
                     fh.write(json.dumps(ex["input_ids"]) + "\\n")
             return collate(examples)
-        run.trainer.data_collator = recording
+
+        def recording_train_loader():  # only the training data loader records; evaluation collates as usual
+            trainer.data_collator = recording
+            try:
+                return train_loader()
+            finally:
+                trainer.data_collator = collate
+        trainer.get_train_dataloader = recording_train_loader
 
     train_worker.main(setup=setup)
 """)
@@ -185,9 +216,6 @@ def exact_cfg(tmp_path, **overrides):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 15 is open: the 2-process check records 8 collations per rank for 4 "
-                   "training examples (validation collations are counted too, or ranks do not split the data); "
-                   "not yet diagnosed, see the closing note")
 def test_two_processes_see_each_example_once_match_one_process_and_only_rank0_writes(tmp_path, two_cpu_processes,
                                                                                      capsys, monkeypatch):
     seen = tmp_path / "seen"
@@ -233,9 +261,6 @@ def test_two_processes_see_each_example_once_match_one_process_and_only_rank0_wr
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 15 is open: the 2-process check records 8 collations per rank for 4 "
-                   "training examples (validation collations are counted too, or ranks do not split the data); "
-                   "not yet diagnosed, see the closing note")
 def test_a_killed_rank_stops_the_run_clearly_and_the_rerun_resumes(tmp_path, two_cpu_processes, capsys):
     cfg = exact_cfg(tmp_path, num_processes=2, grad_accum=1, n=20, max_steps=4, save_steps=2, eval_steps=2,
                     gradient_checkpointing=False)

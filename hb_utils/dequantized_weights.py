@@ -1,0 +1,102 @@
+"""Inference on a 4-bit model on CPU: dequantize each weight once, not in every forward.
+
+Why: on CPU, bitsandbytes computes a 4-bit layer (the dequantize path this project keeps, see
+``modeling.use_dequantize_matmul_path``) as ``dequantize_4bit(weight) -> F.linear``, every call. In
+generation that is every new token: on a 2-core AVX2 CPU decoding SmolLM2 spent about a third of each
+step rebuilding weights it had rebuilt the step before. A frozen model's weights do not change, so
+:func:`install` runs the very same two operations -- the same bitsandbytes op with the same arguments,
+then ``F.linear`` -- but keeps the dequantized tensor: the outputs are bit-identical (tests compare
+them) and only time and memory change. The memory is the price (4 bytes per parameter in fp32, 2 in
+bf16), so layers are only cached while the total stays under :data:`MAX_SHARE` of the memory
+available when the model loads; beyond that the rest keep dequantizing per call.
+
+Only for models that do not train (``modeling.load_base_model(for_training=False)``: 04, 05, the
+reload check, chat, export's reference). If a layer's 4-bit weight is replaced (e.g. a PEFT merge
+into the 4-bit model), the cache notices the new tensor and dequantizes again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+MAX_SHARE = 0.25  # of MemAvailable: caching may never be what pushes a machine into swap
+
+
+def available_memory() -> int | None:
+    """Bytes of MemAvailable (Linux), else None (then nothing is cached)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def dequantize(module: Any, dtype: torch.dtype) -> torch.Tensor:
+    """The weight of a bitsandbytes ``Linear4bit`` exactly as its CPU forward computes it each call
+    (``bitsandbytes.backends.default.ops._gemm_4bit_default_impl``: nested absmax first)."""
+    state = module.weight.quant_state
+    absmax = state.absmax
+    if state.nested:
+        absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
+            state.absmax, state.state2.absmax, state.state2.code, 256, torch.float32) + state.offset
+    return torch.ops.bitsandbytes.dequantize_4bit.default(
+        module.weight.data.view(-1, 1), absmax, state.blocksize, state.quant_type, state.shape, dtype)
+
+
+class _CachedForward:
+    """Replaces one ``Linear4bit.forward``: the same casts as bitsandbytes, the kept weight."""
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+        self.key: tuple[int, torch.dtype] | None = None
+        self.weight: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        if m.training or x.requires_grad or x.device.type != "cpu":  # not the frozen-inference case
+            return type(m).forward(m, x)
+        inp_dtype = x.dtype
+        if m.compute_dtype is not None:
+            x = x.to(m.compute_dtype)
+        key = (m.weight.data_ptr(), x.dtype)
+        if key != self.key:
+            self.weight, self.key = dequantize(m, x.dtype), key
+        bias = None if m.bias is None else m.bias.to(x.dtype)
+        return F.linear(x, self.weight, bias).to(inp_dtype)
+
+
+def install(model: torch.nn.Module, *, budget: int | None = None) -> int:
+    """Cache the dequantized weights of ``model``'s 4-bit layers (see the module docstring); returns how
+    many layers now use a cache. ``budget``: bytes allowed (default: MAX_SHARE of available memory;
+    ``HB_DEQUANT_CACHE=0`` turns it off)."""
+    import bitsandbytes as bnb
+
+    if os.environ.get("HB_DEQUANT_CACHE", "1") == "0":
+        return 0
+    if budget is None:
+        avail = available_memory()
+        budget = int(avail * MAX_SHARE) if avail else 0
+    used = installed = 0
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit) or isinstance(module.forward, _CachedForward):
+            continue
+        dtype = module.compute_dtype or torch.float32
+        need = module.weight.quant_state.shape.numel() * dtype.itemsize
+        if used + need > budget:
+            log.info("dequantized-weight cache full (%d MiB): later 4-bit layers dequantize per call",
+                     used >> 20)
+            break
+        module.forward = _CachedForward(module)
+        used += need
+        installed += 1
+    return installed
