@@ -30,6 +30,7 @@ import math
 import statistics
 import time
 
+import bench_machine as machine  # benchmarks/ is on sys.path when this file runs as a script
 import numpy as np
 import torch
 
@@ -79,6 +80,19 @@ def load_as_original(cfg):
     return AutoModelForCausalLM.from_pretrained(model_source.resolve_model_path(cfg.model_name), **kwargs).eval()
 
 
+RATES: dict[str, float] = {}  # this machine's GEMM rates, measured at the start of the run (bench_machine)
+
+
+def dtype_label(dtype: torch.dtype) -> str:
+    return "bf16" if dtype == torch.bfloat16 else "fp32"
+
+
+def build_prompt_ids(tokenizer, question: str, cfg) -> list[int]:
+    from hb_utils.generation import prompt_ids
+
+    return prompt_ids(tokenizer, question, cfg.system_prompt)
+
+
 def timed(fn, repeats: int):
     times, result = [], None
     for _ in range(repeats):
@@ -107,6 +121,10 @@ def bench_generation(cfg, chosen, repeats: int) -> None:
           f"(target >= 5x) | identical texts {same}/{len(questions)}")
     tokens = sum(r.n_new_tokens for r in batched)
     print(f"            {tokens} new tokens; stopped by themselves: {sum(r.stopped for r in batched)}/{len(batched)}")
+    # useful matmul work: every prompt token once (prefill) and every new token (decode), 2 FLOP per weight
+    worked = 2 * machine.matmul_params(model) * (sum(len(build_prompt_ids(tokenizer, q, cfg)) for q in questions) + tokens)
+    print(f"            achieved: batched {machine.share(worked, t_batch, RATES['fp32'])}, one at a time "
+          f"{machine.share(worked, t_loop, RATES['fp32'])} (fp32 GEMM {RATES['fp32']} GFLOP/s)")
 
 
 def bench_perplexity(cfg, chosen, repeats: int) -> None:
@@ -131,6 +149,11 @@ def bench_perplexity(cfg, chosen, repeats: int) -> None:
     rel = float(np.max(np.abs(project_losses - losses) / losses))
     print(f"perplexity  project (batch {cfg.ppl_batch_size}) {t_b:6.1f} s | original loop {t_orig:6.1f} s | "
           f"speed-up {t_orig / t_b:4.1f}x (target >= 3x)")
+    dtype = device.resolve_compute_dtype(cfg.compute_dtype)
+    rate = RATES.get("bf16" if dtype == torch.bfloat16 else "fp32", RATES["fp32"])
+    worked = 2 * machine.matmul_params(project) * n_tokens
+    print(f"            achieved: project {machine.share(worked, t_b, rate)}, original "
+          f"{machine.share(worked, t_orig, rate)} ({dtype_label(dtype)} GEMM {rate} GFLOP/s)")
     print(f"            levers: bitsandbytes dequantize path {t_orig / t_1:4.1f}x (project one at a time "
           f"{t_1:.1f} s), batching {t_1 / t_w:4.1f}x ({t_w:.1f} s), shared system turn {t_w / t_b:4.1f}x")
     print(f"            original-variant ppl {math.exp(losses.mean()):.4f} (original) vs "
@@ -159,6 +182,9 @@ def main() -> None:
     records = data.prepare_splits(cfg, write=False).records  # nothing is written
     chosen = (records["test"] + records["val"] + records["train"])[:args.n]
     print(f"{len(chosen)} examples (test split first), torch threads={torch.get_num_threads()}")
+    print(machine.cpu_line())
+    RATES.update(machine.machine_rates())
+    print("GEMM rate measured now: " + ", ".join(f"{k} {v} GFLOP/s" for k, v in RATES.items()), flush=True)
     if "gen" in parts:
         bench_generation(load_config(args.params, **{"load_in_4bit": False, "compute_dtype": "fp32", **dict(args.p)}),
                          chosen, args.repeats)

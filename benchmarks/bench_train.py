@@ -217,6 +217,7 @@ def run_project(cfg, train: list[dict], workdir: Path, clock, name: str):
 
 
 def child(args: argparse.Namespace) -> None:
+    import bench_machine as machine
     import torch
 
     from hb_utils import device
@@ -242,7 +243,11 @@ def child(args: argparse.Namespace) -> None:
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
         "gradient_checkpointing": cfg.gradient_checkpointing, "max_length": cfg.max_length,
         "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+        "matmul_params": machine.matmul_params(model),
     }
+    # executed matmul FLOPs (benchmarks/bench_machine.py): forward + input gradients, + a recomputed forward
+    per_token = (6 if cfg.gradient_checkpointing else 4) * result["matmul_params"]
+    result["gflops_per_s"] = round(per_token * clock.tokens / seconds / 1e9, 1)
     (workdir / f"{args.child}.json").write_text(json.dumps(result))
 
 
@@ -279,7 +284,14 @@ def main(argv: list[str] | None = None) -> dict:
         passthrough = [f"--examples={args.examples}", f"--steps={args.steps}", f"--max-length={args.max_length}",
                        f"--batch-size={args.batch_size}", f"--grad-accum={args.grad_accum}",
                        f"--val-examples={args.val_examples}", f"--threads={args.threads}", f"--params={args.params}"]
-        env = {**os.environ, "HB_HEADLESS": "1", "OMP_NUM_THREADS": str(args.threads)}
+        import bench_machine as machine
+
+        print(machine.cpu_line(), flush=True)
+        rates = machine.machine_rates(args.threads)
+        print("GEMM rate measured now, " + ", ".join(f"{k} {v} GFLOP/s" for k, v in rates.items())
+              + f" ({args.threads} thread(s))", flush=True)
+        env = {**os.environ, "HB_HEADLESS": "1", "OMP_NUM_THREADS": str(args.threads),
+               "PYTHONPATH": str(ROOT / "benchmarks") + os.pathsep + os.environ.get("PYTHONPATH", "")}
         rounds = []
         for i in range(args.repeats):
             results = {}
@@ -295,9 +307,10 @@ def main(argv: list[str] | None = None) -> dict:
                       f"(done in {time.perf_counter() - t:.0f} s)", flush=True)
             rounds.append(results)
     results = {name: median_run([r[name] for r in rounds]) for name in variants}
-    report(results, rounds, command)
+    report(results, rounds, command, rates)
     if args.json:
-        Path(args.json).write_text(json.dumps({"command": command, "results": results, "rounds": rounds}, indent=2))
+        Path(args.json).write_text(json.dumps({"command": command, "cpu": machine.cpu_line(), "gemm_gflops": rates,
+                                               "results": results, "rounds": rounds}, indent=2))
     return results
 
 
@@ -306,9 +319,12 @@ def median_run(runs: list[dict]) -> dict:
     return sorted(runs, key=lambda r: r["examples_per_s"])[(len(runs) - 1) // 2]
 
 
-def report(results: dict, rounds: list[dict], command: str) -> None:
+def report(results: dict, rounds: list[dict], command: str, rates: dict[str, float]) -> None:
+    for r in results.values():  # the share of this machine's GEMM rate in the variant's compute dtype
+        rate = rates.get("bf16" if r["dtype"] == "bfloat16" else "fp32", rates["fp32"])
+        r["gemm_share"] = f"{r['gflops_per_s'] / rate:.0%}"
     cols = ["examples_per_s", "real_tokens_per_s", "seconds", "val_answer_loss", "last_train_loss", "peak_rss_gb",
-            "gradient_checkpointing", "dtype"]
+            "gradient_checkpointing", "dtype", "gflops_per_s", "gemm_share"]
     print(f"\nmedian of {len(rounds)} round(s):")
     print("variant".ljust(27) + "".join(c.rjust(22) for c in cols))
     for name, r in results.items():

@@ -59,3 +59,17 @@ def test_tiny_benchmark_run_reports_both_methods(medquad, tmp_path):
         assert math.isfinite(r["val_answer_loss"]) and r["val_answer_loss"] > 0
     # both evaluated on the same validation answers: one optimizer step cannot move the loss far apart
     assert abs(fast["val_answer_loss"] - original["val_answer_loss"]) < 0.5
+
+
+def test_gpu_check_script_parses_and_passes_only_known_parameters():
+    """benchmarks/gpu_check.sh runs only on a GPU machine: here, check it is valid bash and that every
+    `-p NAME` it passes is a config field (a typo would fail on the GPU, after minutes of setup)."""
+    import re
+
+    from hb_utils.config import FIELDS
+
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    names = set(re.findall(r"-p (\w+) ", script.read_text()))
+    assert {"compute_dtype", "optim", "model_name", "output_root"} <= names
+    assert names <= set(FIELDS), names - set(FIELDS)
