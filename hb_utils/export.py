@@ -23,11 +23,11 @@ aside (``export.replaced-<time>``), never deleting it.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import time
 import warnings
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -108,8 +108,8 @@ def claim_export_dir(paths: ExportPaths, identity: dict[str, Any], *, overwrite:
             f"adapter: {identity['fingerprint']!r})" if old else f"files without {MARKER} (not made by `hb export`)")
     if not overwrite:
         raise RunError(f"{paths.root} holds {what}. Pass --overwrite to move it aside (it is renamed, not deleted).")
-    aside = paths.root.with_name(f"{paths.root.name}.replaced-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
-    shutil.move(str(paths.root), aside)
+    aside = run_dir.aside_path(paths.root)
+    os.rename(paths.root, aside)  # same folder: atomic, and never into an existing directory
     print(f"moved the previous export aside: {aside}")
     return None
 

@@ -146,10 +146,15 @@ def move_aside(root: Path) -> Path:
     if not is_kit_dir(root):
         raise RunError(f"{root} was not made by this kit (no {MARKER}); it is not moved, even with --overwrite. "
                        "Choose another experiment name or output_root.")
-    stamp_ = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    target = unique_sibling(root.with_name(f"{root.name}.replaced-{stamp_}"))
+    target = aside_path(root)
     os.rename(root, target)  # same folder: atomic; never into an existing directory (shutil.move would)
     return target
+
+
+def aside_path(root: Path) -> Path:
+    """A free sibling name ``<name>.replaced-<UTC time>`` for a folder being replaced (never overwritten)."""
+    stamp_ = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return unique_sibling(root.with_name(f"{root.name}.replaced-{stamp_}"))
 
 
 @dataclass(frozen=True)

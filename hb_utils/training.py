@@ -45,12 +45,11 @@ def check_adapter_slot(cfg: ExperimentConfig) -> str:
     found = (modeling.read_adapter_meta(run.adapter) or {}).get("stamp")
     if run_dir.stamp_matches(found, cfg, "train"):
         return "same"
-    if cfg.overwrite:
-        return "replace"
-    run_dir.require(found, cfg, "train", what=run.adapter,
-                    fix="It is not overwritten: use a new `experiment` name, delete that folder, or set "
-                        "overwrite=True to replace it.")
-    return "same"  # unreachable: require raised
+    if not cfg.overwrite:  # raises: the stamp differs (checked above), naming the parameters that do
+        run_dir.require(found, cfg, "train", what=run.adapter,
+                        fix="It is not overwritten: use a new `experiment` name, delete that folder, or set "
+                            "overwrite=True to replace it.")
+    return "replace"
 
 
 _checkpoint_dirs = run_dir.checkpoint_dirs  # complete checkpoints, oldest first

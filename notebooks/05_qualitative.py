@@ -138,3 +138,14 @@ qualitative.flag_rates(rows)
 # **Reading guide.** A fine-tuned model that answers "What is the capital of France?" fluently has learnt style, not
 # scope; one that loops or never stops needs more steps or a lower learning rate. Keyword flags can be fooled in both
 # directions — read the answers.
+
+# %% [markdown]
+# ## Talk to it
+# Run interactively, the cell below opens the chat app of this run right here (streaming answers, a Fine-tuned /
+# Base switch, the sampling settings above). In a headless run (`hb run`, papermill) it only prints the command
+# that starts the same app in a browser: `hb chat outputs/<experiment>`.
+
+# %%
+from hb_utils import chat
+
+chat_app = chat.show_in_notebook(cfg)
