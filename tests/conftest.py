@@ -99,7 +99,10 @@ def smoke_series(tmp_path_factory: pytest.TempPathFactory) -> SmokeSeries:
     else a synthetic one (never real MedQuAD text)."""
     root = tmp_path_factory.mktemp("smoke_series")
     dataset = MEDQUAD if (MEDQUAD / "1_CancerGov_QA").is_dir() else write_release(root / "release", n_docs=30)
-    params = {"output_root": str(root / "outputs"), "dataset": str(dataset)}
+    # the same code path as params/smoke.yaml with half the training and shorter answers: CI's time is
+    # mostly this series (benchmarks/README.md times the file itself)
+    params = {"output_root": str(root / "outputs"), "dataset": str(dataset), "grad_accum": 2,
+              "eval_max_new_tokens": 24, "qual_max_new_tokens": 32}
     proc = hb("run", str(SMOKE), *as_flags(params))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return SmokeSeries(load_config(SMOKE, **params), params, proc, root)

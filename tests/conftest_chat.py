@@ -94,7 +94,7 @@ def trained_smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         _smollm2_dir()
         tmp = tmp_path_factory.mktemp("trained_smoke")
         cfg = load_config(ROOT / "params" / "smoke.yaml", output_root=str(tmp / "out"),
-                          dataset=str(write_release(tmp / "release")), max_steps=2, grad_accum=1, eval_size=4,
+                          dataset=str(write_release(tmp / "release")), max_steps=2, grad_accum=1, eval_size=3,
                           eval_max_new_tokens=16, qual_max_new_tokens=24)
         runner.open_run(cfg)
         training.train(cfg)

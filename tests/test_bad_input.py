@@ -731,8 +731,8 @@ def evaluable_run(tmp_path_factory) -> tuple[Path, dict]:
 @pytest.mark.slow
 def test_eval_reruns_on_a_finished_run_keep_the_recorded_metrics(evaluable_run):
     """Issue 13, item 3, with real kernels: `hb run -p eval_size 3 --only 04` on a finished run reruns 04 on the
-    same adapter (03's files untouched) and keeps the previous metrics and report aside; then 04 run directly with
-    papermill and yet another eval_size does the same and updates config.json."""
+    same adapter (03's files untouched) and keeps the previous metrics and report aside. (04 run directly with
+    papermill and other eval parameters: tests/test_eval_notebooks.py::test_04_runs_alone_from_notebooks_dir.)"""
     root, params = evaluable_run
     first = load_config(SMOKE, **params)
     run = run_dir.RunPaths.for_config(first)
@@ -748,18 +748,3 @@ def test_eval_reruns_on_a_finished_run_keep_the_recorded_metrics(evaluable_run):
     assert conf["config"]["eval_size"] == 3 and conf["stages"]["04_evaluate"]["status"] == "done"
     assert conf["stages"]["05_qualitative"]["status"] == "stale"
     assert json.loads((run.metrics / "eval.json").read_text())["settings"]["eval_examples"] == 3
-
-    # 04 on its own, as `papermill notebooks/04_evaluate.ipynb OUT -f params/smoke.yaml -p ... -p eval_size 1`
-    flags = [x for k, v in {**params, "eval_size": 1}.items() for x in ("-p", k, str(v))]
-    pm = subprocess.run([sys.executable, "-m", "papermill", str(ROOT / "notebooks" / "04_evaluate.ipynb"),
-                         str(root / "direct04.ipynb"), "-f", str(SMOKE), *flags], capture_output=True, text=True,
-                        env={**os.environ, "HB_HEADLESS": "1"})
-    assert pm.returncode == 0, pm.stderr[-3000:]
-    assert "eval parameters differ from config.json (eval_size: 3 -> 1)" in (root / "direct04.ipynb").read_text()
-    second = load_config(SMOKE, **{**params, "eval_size": 3})
-    assert json.loads((run.metrics / "previous" / second.fingerprint("eval") / "eval.json").read_text())[
-        "settings"]["eval_examples"] == 3
-    conf = json.loads(run.config_json.read_text())
-    assert conf["config"]["eval_size"] == 1 and conf["fingerprints"]["eval"] == load_config(
-        SMOKE, **{**params, "eval_size": 1}).fingerprint("eval")
-    assert json.loads((run.metrics / "eval.json").read_text())["settings"]["eval_examples"] == 1

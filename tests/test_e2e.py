@@ -76,7 +76,7 @@ def test_smoke_series_end_to_end_reports_rerun_and_compare(smoke_series):
     assert again.returncode == 0 and again.stdout.count("skipped") == 5
 
     # A second, smaller run that differs in lora_r, then the comparison.
-    small = {"experiment": "smoke_r16", "lora_r": 16, "max_steps": 2, "grad_accum": 1, "eval_size": 3, "ppl_size": 3,
+    small = {"experiment": "smoke_r16", "lora_r": 16, "max_steps": 2, "grad_accum": 1, "eval_size": 2, "ppl_size": 2,
              "eval_max_new_tokens": 8, "qual_max_new_tokens": 8}
     proc = hb("run", str(SMOKE), *as_flags({**smoke_series.params, **small}))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -128,6 +128,8 @@ def test_04_runs_alone_from_notebooks_dir(smoke_series, tmp_path):
     proc, nb04 = run_notebook("04_evaluate", tmp_path / "reports", ROOT / "notebooks", params)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not error_outputs(nb04)
+    changed = f"eval parameters differ from config.json (eval_size: {smoke_series.cfg.eval_size} -> 2"
+    assert changed in nb04.read_text()  # the notebook says what it does with the recorded metrics
     cfg = load_config(SMOKE, **params)
     result = read_json(RunPaths.for_config(cfg).metrics / "eval.json")
     assert result["settings"]["eval_examples"] == 2

@@ -219,17 +219,16 @@ def test_cli_export_reports_errors_without_traceback(tmp_path: Path, capsys):
 def test_smoke_export_merged_and_gguf_on_smollm2(trained_smoke_run: Path):  # noqa: F811
     from transformers import AutoModelForCausalLM
 
-    record = export.export_run(trained_smoke_run, gguf="f16", log=print)
+    # the issue's command, `hb export outputs/smoke --gguf q8_0` (f16's bit-exact round trip: the tiny-model test)
+    record = export.export_run(trained_smoke_run, gguf="q8_0", log=print)
     m = read_json(trained_smoke_run / "export" / "merge_measurement.json")
-    print(json.dumps(m["modes"], indent=1), json.dumps(record["gguf"]["f16"]["roundtrip"], indent=1))
+    q8 = record["gguf"]["q8_0"]["roundtrip"]
+    print(json.dumps(m["modes"], indent=1), json.dumps(q8, indent=1))
     assert m["modes"][record["merge_into"]]["greedy_token_agreement"] >= 0.95
-    assert record["gguf"]["f16"]["roundtrip"]["greedy_token_agreement"] == 1.0
+    # a wrong tensor mapping answers garbage (agreement near 0); 8-bit rounding flips a few near-tied tokens
+    assert q8["greedy_token_agreement"] >= 0.9 and q8["same_prompt_token_ids"] == 1.0
     model = AutoModelForCausalLM.from_pretrained(_merged(trained_smoke_run))
     assert model.config.tie_word_embeddings  # SmolLM2: no separate output matrix in the GGUF either
     card = (_merged(trained_smoke_run) / "README.md").read_text()
     assert "license: apache-2.0" in card
-    q8 = gguf_export.export_gguf(export.run_config(trained_smoke_run), _merged(trained_smoke_run),
-                                 trained_smoke_run / "export" / "gguf", "q8_0",
-                                 export.eval_questions(export.run_config(trained_smoke_run)), log=print)
-    print(json.dumps(q8["roundtrip"], indent=1))
-    assert q8["roundtrip"]["greedy_token_agreement"] >= 0.9
+    assert (trained_smoke_run / "export" / "gguf" / "Modelfile.q8_0").is_file()
