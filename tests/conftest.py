@@ -101,7 +101,7 @@ def smoke_series(tmp_path_factory: pytest.TempPathFactory) -> SmokeSeries:
     dataset = MEDQUAD if (MEDQUAD / "1_CancerGov_QA").is_dir() else write_release(root / "release", n_docs=30)
     # the same code path as params/smoke.yaml with half the training and shorter answers: CI's time is
     # mostly this series (benchmarks/README.md times the file itself)
-    params = {"output_root": str(root / "outputs"), "dataset": str(dataset), "grad_accum": 2,
+    params = {"output_root": str(root / "outputs"), "dataset": str(dataset), "max_steps": 2, "grad_accum": 2,
               "eval_max_new_tokens": 24, "qual_max_new_tokens": 32}
     proc = hb("run", str(SMOKE), *as_flags(params))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
