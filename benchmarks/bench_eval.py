@@ -36,7 +36,7 @@ import torch
 
 from hb_utils import data, device, model_source, modeling, perplexity
 from hb_utils.config import load_config
-from hb_utils.generation import GenResult, build_prompt, generate_answers
+from hb_utils.generation import GenResult, build_prompt, generate_answers, prompt_ids
 from hb_utils.tokenizer import load_tokenizer, stop_token_ids
 
 
@@ -87,12 +87,6 @@ def dtype_label(dtype: torch.dtype) -> str:
     return "bf16" if dtype == torch.bfloat16 else "fp32"
 
 
-def build_prompt_ids(tokenizer, question: str, cfg) -> list[int]:
-    from hb_utils.generation import prompt_ids
-
-    return prompt_ids(tokenizer, question, cfg.system_prompt)
-
-
 def timed(fn, repeats: int):
     times, result = [], None
     for _ in range(repeats):
@@ -122,7 +116,7 @@ def bench_generation(cfg, chosen, repeats: int) -> None:
     tokens = sum(r.n_new_tokens for r in batched)
     print(f"            {tokens} new tokens; stopped by themselves: {sum(r.stopped for r in batched)}/{len(batched)}")
     # useful matmul work: every prompt token once (prefill) and every new token (decode), 2 FLOP per weight
-    worked = 2 * machine.matmul_params(model) * (sum(len(build_prompt_ids(tokenizer, q, cfg)) for q in questions) + tokens)
+    worked = 2 * machine.matmul_params(model) * (sum(len(prompt_ids(tokenizer, q, cfg.system_prompt)) for q in questions) + tokens)
     print(f"            achieved: batched {machine.share(worked, t_batch, RATES['fp32'])}, one at a time "
           f"{machine.share(worked, t_loop, RATES['fp32'])} (fp32 GEMM {RATES['fp32']} GFLOP/s)")
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from hb_utils.generation import build_prompt
+from hb_utils.generation import prompt_ids  # the prompt tokens training and 04 use
 from hb_utils.modeling import stop_token_ids
 
 if TYPE_CHECKING:
@@ -31,11 +31,6 @@ if TYPE_CHECKING:
 
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, question: str, system_prompt: str) -> list[int]:
-    """The chat-template prompt's token ids (the template holds every special token: no extra bos)."""
-    return tokenizer(build_prompt(tokenizer, question, system_prompt), add_special_tokens=False)["input_ids"]
 
 
 @torch.inference_mode()
