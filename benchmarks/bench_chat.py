@@ -11,14 +11,18 @@ step; decode tokens/s = (n - 1) / (last - first). Medians are reported. Both pat
 same greedy text (the merged model is the measured export of the same adapter).
 
 Why merged should be faster on CPU: bitsandbytes' 4-bit layers dequantize every weight on every
-forward (``modeling.use_dequantize_matmul_path``) and PEFT adds two small matmuls per adapted
-layer; the merged model is one plain fp32 matmul per layer (fp16 on disk, upcast on load).
+forward and PEFT adds two small matmuls per adapted layer; the merged model is one plain fp32 matmul
+per layer (fp16 on disk, upcast on load). ``hb chat`` keeps the dequantized weights of an
+inference-only 4-bit model (``hb_utils.dequantized_weights``), which removes most of the first cost,
+so three rows are timed: the adapter as ``hb chat`` runs it, the merged model, and the adapter on
+bitsandbytes' own uncached 4-bit path (``HB_DEQUANT_CACHE=0``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -134,18 +138,25 @@ def main(argv: list[str] | None = None) -> int:
         timings[f"GGUF {g} incl. round trip (s)"] = round(time.perf_counter() - t0, 1)
         timings[f"GGUF {g} write only (s)"] = rec["gguf"][g]["seconds"]
     results = {}
-    for name, path in (("adapter on 4-bit base", run), ("merged (fp16 on disk, fp32 compute)", merged)):
+    rows = [("adapter on 4-bit base", run, {}),
+            ("merged (fp16 on disk, fp32 compute)", merged, {}),
+            # bitsandbytes' own 4-bit path (dequantize every weight on every forward), what `hb chat` ran
+            # before hb_utils.dequantized_weights; the ratio against it is the 4-bit format's own cost
+            ("adapter, 4-bit path uncached", run, {"HB_DEQUANT_CACHE": "0"})]
+    for name, path, env in rows:
         cmd = [sys.executable, __file__, "--worker", str(path), "--new-tokens", str(args.new_tokens),
                "--repeats", str(args.repeats), str(run)]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, **env})
         results[name] = json.loads(res.stdout.strip().splitlines()[-1])
         r = results[name]
         print(f"{name:38s} TTFT {r['ttft_s']:.3f} s  decode {r['decode_tok_s']:.1f} tok/s  peak RSS "
               f"{r['peak_rss_mib']:.0f} MiB  load {r['load_s']} s  ({r['prompt_tokens']}-token prompt, "
               f"{r['new_tokens']} new, {r['threads']} threads)", flush=True)
-    a, m = results.values()
+    a, m, u = results.values()
     print(f"merged / adapter decode speed: {m['decode_tok_s'] / a['decode_tok_s']:.2f}x; TTFT "
           f"{a['ttft_s'] / m['ttft_s']:.2f}x; same greedy text: {a['text'] == m['text']}")
+    print(f"merged / uncached 4-bit adapter decode speed: {m['decode_tok_s'] / u['decode_tok_s']:.2f}x; TTFT "
+          f"{u['ttft_s'] / m['ttft_s']:.2f}x; same greedy text: {u['text'] == m['text']}")
     for k, v in {**timings, **sizes(run)}.items():
         print(f"{k:38s} {v}")
     print(json.dumps({"cpu": cpu, "results": results, "timings": timings, "sizes_mib": sizes(run),

@@ -37,7 +37,8 @@ def parse_overrides(parameters: Sequence[Sequence[str]] = (), yamls: Sequence[st
     """
     from papermill.cli import _resolve_type  # the function behind `papermill -p`
 
-    from hb_utils.config import FIELDS, parse_params_yaml, type_name
+    from hb_utils.config import FIELDS, type_name
+    from hb_utils.params_file import parse_params_yaml
 
     values: dict[str, Any] = {}
     for text in yamls:
