@@ -4,7 +4,7 @@
     python benchmarks/bench_attention.py --heads 32 --kv-heads 4 --lengths 128,256,512   # TinyLlama's heads
 
 This is where ``hb_utils.attention.matmul_max_keys`` comes from: ``attn_implementation: auto`` uses
-matmul attention for CPU training calls up to that many keys (at the current thread count), because PyTorch's fused CPU attention
+matmul attention for CPU training calls up to that many keys (per compute dtype, at the current thread count), because PyTorch's fused CPU attention
 has a slow backward for short sequences. Both functions are the ones a model calls (transformers'
 ``sdpa_attention_forward`` and ``hb_utils.attention.matmul_attention``) with a right-padded boolean
 mask as the trainer's batches make it. Prints the median of ``--repeats`` timings and the ratio.
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = getattr(torch, args.dtype)
     module = SimpleNamespace(num_key_value_groups=args.heads // args.kv_heads, training=True, is_causal=True)
     print(f"batch {args.batch}, {args.heads}/{args.kv_heads} heads x {args.head_dim}, {args.dtype}, "
-          f"{args.threads} thread(s); auto uses matmul up to {matmul_max_keys()} keys")
+          f"{args.threads} thread(s); auto uses matmul up to {matmul_max_keys(dtype)} keys")
     print(f"{'keys':>6} {'sdpa ms':>9} {'matmul ms':>10} {'sdpa/matmul':>12}")
     for t in (int(x) for x in args.lengths.split(",")):
         g = torch.Generator().manual_seed(t)

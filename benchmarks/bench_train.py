@@ -13,12 +13,13 @@ compute dtype, on both cores. Variants:
                     transformers' ``DataCollatorForLanguageModeling(mlm=False)`` (which masks every pad-id
                     token, so every end-of-turn token, out of the loss), full-sequence loss, gradient
                     checkpointing on, plain ``transformers.Trainer``, transformers' default attention (SDPA),
-                    PEFT's ``nn.Dropout``.
+                    PEFT's ``nn.Dropout``, bitsandbytes' own 4-bit path (dequantize in every call).
 * ``project``       hb_utils.training as configured for Experiment 1 (TRL SFTTrainer, prompt/completion,
                     loss on the answer + end-of-turn only, gradient checkpointing on, no length grouping,
                     whatever ``--params`` says about these two) with the project's
-                    default kernels: ``attn_implementation: auto`` (hb_utils.attention) and
-                    ``fast_lora_dropout`` (hb_utils.lora_dropout).
+                    default kernels: ``attn_implementation: auto`` (hb_utils.attention),
+                    ``fast_lora_dropout`` (hb_utils.lora_dropout) and the kept dequantized 4-bit weights
+                    (hb_utils.dequantized_weights; ``HB_DEQUANT_CACHE=0`` turns them off).
 * ``project_fast``  the same with the two settings that pay on CPU: ``gradient_checkpointing=False`` (the
                     model is small, activations fit) and ``group_by_length=True`` (less padding) -- what
                     ``params/cpu_exp1_fast.yaml`` runs.
@@ -173,6 +174,7 @@ def run_original(cfg, train: list[dict], workdir: Path, clock, dtype):
     from hb_utils.tokenizer import load_tokenizer
 
     cfg = cfg.replace(attn_implementation="sdpa")  # transformers' default attention, as the original had
+    os.environ["HB_DEQUANT_CACHE"] = "0"  # bitsandbytes' own 4-bit path: the kept weights are a project lever
     tokenizer = load_tokenizer(cfg.model_name)
     tokenizer.pad_token = tokenizer.eos_token  # as the original: pad = eos (end-of-turn)
     texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in train]

@@ -4,15 +4,17 @@ Why: PyTorch's fused CPU attention (what ``sdpa`` runs on CPU) has a fast forwar
 backward for short sequences (SmolLM2's shapes, forward + backward per layer: the table by sequence
 length and thread count is in ``benchmarks/README.md``, from ``python benchmarks/bench_attention.py``).
 
-Matmul attention (two matmuls and a softmax, transformers' "eager" formula) wins for short
+Matmul attention (two matmuls and a softmax, transformers' "eager" formula) wins for short bf16
 sequences; beyond, materializing the score matrix costs more than SDPA's backward, and SDPA gains
-more from extra threads. :func:`matmul_max_keys` is the measured crossover, 320 keys at 1 thread,
-divided by the thread count (160 at 2 threads; more threads favour SDPA further, so the rule errs
-toward SDPA there). Most MedQuAD training examples are short, so with ``attn_implementation: auto``
-:func:`auto_attention_forward` uses matmul attention for a CPU forward that builds a graph
-(training) with at most that many keys, and transformers' own SDPA function for everything else
-(GPU, evaluation, generation, long batches). Both compute the same attention; only rounding
-differs, so the choice is in no fingerprint.
+more from extra threads. :func:`matmul_max_keys` is the measured crossover per compute dtype: in
+bf16, 320 keys at 1 thread, divided by the thread count (160 at 2 threads; more threads favour SDPA
+further, so the rule errs toward SDPA there). In fp32 (AVX2-class CPUs, where ``compute_dtype: auto``
+picks fp32) SDPA was as fast or faster at every length from 32 to 512 keys on 1 and 2 threads, so
+the limit is 0 there: ``auto`` is SDPA, the original method's default, and never slower than it.
+With ``attn_implementation: auto`` :func:`auto_attention_forward` uses matmul attention for a CPU
+forward that builds a graph (training) with at most that many keys, and transformers' own SDPA
+function for everything else (GPU, evaluation, generation, long batches, fp32). Both compute the
+same attention; only rounding differs, so the choice is in no fingerprint.
 
 :func:`register` adds the function to transformers' ``AttentionInterface`` under :data:`NAME`
 (with SDPA's boolean masks), the documented way to plug in an attention implementation.
@@ -27,12 +29,15 @@ from torch import nn
 from torch.nn import functional as F
 
 NAME = "hb_auto"
-MATMUL_MAX_KEYS_ONE_THREAD = 320  # crossover measured by benchmarks/bench_attention.py (module docstring)
+# Crossover at 1 thread by compute dtype, from benchmarks/bench_attention.py (tables in benchmarks/README.md):
+# bf16 measured on a CPU with native bf16 units; fp32 on an AVX2-only CPU (SDPA never slower: no matmul path).
+MATMUL_MAX_KEYS_ONE_THREAD = {torch.bfloat16: 320, torch.float32: 0}
 
 
-def matmul_max_keys() -> int:
-    """Longest key sequence for which the matmul path is used, at the current torch thread count."""
-    return MATMUL_MAX_KEYS_ONE_THREAD // max(1, torch.get_num_threads())
+def matmul_max_keys(dtype: torch.dtype = torch.bfloat16) -> int:
+    """Longest key sequence for which the matmul path is used for ``dtype`` at the current torch thread
+    count (0 for dtypes without a measured win: always SDPA)."""
+    return MATMUL_MAX_KEYS_ONE_THREAD.get(dtype, 0) // max(1, torch.get_num_threads())
 
 
 def register() -> str:
@@ -48,7 +53,7 @@ def register() -> str:
 def uses_matmul(module: nn.Module, query: torch.Tensor, key: torch.Tensor, **kwargs: Any) -> bool:
     """Whether :func:`auto_attention_forward` takes the matmul path for this call."""
     return (query.device.type == "cpu" and module.training and torch.is_grad_enabled()
-            and key.shape[-2] <= matmul_max_keys()
+            and key.shape[-2] <= matmul_max_keys(query.dtype)
             and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
             and not kwargs.get("output_attentions", False))
 

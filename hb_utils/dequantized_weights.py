@@ -1,18 +1,20 @@
-"""Inference on a 4-bit model on CPU: dequantize each weight once, not in every forward.
+"""4-bit models on CPU: dequantize each frozen weight once, not in every forward.
 
 Why: on CPU, bitsandbytes computes a 4-bit layer (the dequantize path this project keeps, see
-``modeling.use_dequantize_matmul_path``) as ``dequantize_4bit(weight) -> F.linear``, every call. In
-generation that is every new token: on a 2-core AVX2 CPU decoding SmolLM2 spent about a third of each
-step rebuilding weights it had rebuilt the step before. A frozen model's weights do not change, so
-:func:`install` runs the very same two operations -- the same bitsandbytes op with the same arguments,
-then ``F.linear`` -- but keeps the dequantized tensor: the outputs are bit-identical (tests compare
-them) and only time and memory change. The memory is the price (4 bytes per parameter in fp32, 2 in
-bf16), so layers are only cached while the total stays under :data:`MAX_SHARE` of the memory
-available when the model loads; beyond that the rest keep dequantizing per call.
+``modeling.use_dequantize_matmul_path``) as ``dequantize_4bit(weight) -> F.linear``, every call, and its
+backward dequantizes again. In generation that is every new token: on a 2-core AVX2 CPU decoding SmolLM2
+spent about a third of each step rebuilding weights it had rebuilt the step before; in QLoRA training
+(the base weights are frozen; only the LoRA weights learn) every forward, recomputation and backward
+rebuilds them. :func:`install` runs the very same two operations -- the same bitsandbytes op with the
+same arguments, then ``F.linear`` -- but keeps the dequantized tensor: outputs and input gradients are
+bit-identical (tests compare them) and only time and memory change. The memory is the price (4 bytes
+per parameter in fp32, 2 in bf16: it trades QLoRA's memory saving for time), so layers are only cached
+while the total stays under :data:`MAX_SHARE` of the memory available when the model loads; beyond
+that the rest keep dequantizing per call. ``HB_DEQUANT_CACHE=0`` turns it off.
 
-Only for models that do not train (``modeling.load_base_model(for_training=False)``: 04, 05, the
-reload check, chat, export's reference). If a layer's 4-bit weight is replaced (e.g. a PEFT merge
-into the 4-bit model), the cache notices the new tensor and dequantizes again.
+A 4-bit weight never learns (integer storage; LoRA trains beside it); a layer that runs off the CPU
+uses bitsandbytes' own forward. If a layer's 4-bit weight is replaced (e.g. a PEFT merge into the 4-bit model), the cache
+notices the new tensor and dequantizes again.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class _CachedForward:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
-        if m.training or x.requires_grad or x.device.type != "cpu":  # not the frozen-inference case
+        if x.device.type != "cpu":  # bitsandbytes' GPU kernels need no cache
             return type(m).forward(m, x)
         inp_dtype = x.dtype
         if m.compute_dtype is not None:

@@ -193,8 +193,7 @@ def load_base_model(cfg: ExperimentConfig, *, for_training: bool = False,
         model.to(default_device())
     if qconf is not None and default_device().type == "cpu":
         use_dequantize_matmul_path(model)
-        if not for_training:
-            dequantized_weights.install(model)
+        dequantized_weights.install(model)  # frozen 4-bit weights: dequantized once (memory for time)
     align_generation_config(model, tokenizer if tokenizer is not None else load_tokenizer(cfg.model_name))
     if for_training:
         model.config.use_cache = False

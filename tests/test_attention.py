@@ -37,9 +37,12 @@ def padded_causal_mask(t: int, lengths: list[int]) -> torch.Tensor:
 def matmul_calls(monkeypatch):
     """The shapes of the queries that went through matmul attention (a spy on the module's function,
     which auto_attention_forward looks up at call time), with torch on one thread so that the matmul
-    path's key limit (320 // threads) admits these short batches on any machine."""
+    path's key limit (320 // threads) admits these short batches on any machine. The tests compute in
+    float64 (exact comparisons), which gets bf16's limit here so that the matmul path is exercised."""
     calls = []
     real = attention.matmul_attention
+    monkeypatch.setitem(attention.MATMUL_MAX_KEYS_ONE_THREAD, torch.float64,
+                        attention.MATMUL_MAX_KEYS_ONE_THREAD[torch.bfloat16])
     monkeypatch.setattr(attention, "matmul_attention", lambda *a, **kw: calls.append(tuple(a[1].shape)) or real(*a, **kw))
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -80,7 +83,7 @@ def test_causal_mask_is_aligned_to_the_last_key_like_sdpa():
 def test_auto_takes_the_matmul_path_only_for_short_cpu_training_calls(matmul_calls):
     calls = matmul_calls
     short = qkv(8)
-    long = qkv(attention.matmul_max_keys() + 1)
+    long = qkv(attention.matmul_max_keys(torch.float64) + 1)
     attention.auto_attention_forward(module(), *short, None, scaling=0.25)
     assert calls == [(B, H, 8, D)]
     attention.auto_attention_forward(module(), *long, None, scaling=0.25)  # long batch: SDPA
@@ -96,9 +99,28 @@ def test_the_matmul_limit_shrinks_with_threads():
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert attention.matmul_max_keys() == attention.MATMUL_MAX_KEYS_ONE_THREAD == 320
+        assert attention.matmul_max_keys(torch.bfloat16) == attention.MATMUL_MAX_KEYS_ONE_THREAD[torch.bfloat16] == 320
         torch.set_num_threads(2)
-        assert attention.matmul_max_keys() == 160
+        assert attention.matmul_max_keys(torch.bfloat16) == 160
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_fp32_training_takes_sdpa_at_every_length(monkeypatch):
+    """fp32 (what ``auto`` computes in on AVX2-only CPUs): SDPA was as fast or faster at every length
+    (benchmarks/README.md), so auto never takes the matmul path there, even for 8 keys on one thread."""
+    calls = []
+    monkeypatch.setattr(attention, "matmul_attention", lambda *a, **kw: calls.append(1))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert attention.matmul_max_keys(torch.float32) == 0
+        q, k, v = (t.detach().float().requires_grad_() for t in qkv(8))
+        out, _ = attention.auto_attention_forward(module(), q, k, v, None, scaling=0.25)
+        assert calls == [] and out.dtype == torch.float32
+        q, k, v = (t.detach().bfloat16().requires_grad_() for t in qkv(8))
+        attention.auto_attention_forward(module(), q, k, v, None, scaling=0.25)
+        assert calls == [1]  # the same short call in bf16 takes the matmul path
     finally:
         torch.set_num_threads(before)
 

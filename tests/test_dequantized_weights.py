@@ -1,4 +1,5 @@
-"""hb_utils.dequantized_weights: a kept dequantized weight gives bit-identical outputs, and only while frozen."""
+"""hb_utils.dequantized_weights: a kept dequantized weight gives bit-identical outputs and input gradients,
+and only while frozen."""
 
 from __future__ import annotations
 
@@ -37,12 +38,21 @@ def test_cached_forward_is_bit_identical(dtype, bias):
     assert got.dtype == expected.dtype and torch.equal(got, expected) and torch.equal(again, expected)
 
 
-def test_training_or_gradients_use_bitsandbytes_own_forward():
-    q = layer4bit()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_through_the_kept_weight_gives_the_same_input_gradients(dtype):
+    """QLoRA training: the 4-bit weight is frozen, gradients flow to the input (and so to the LoRA
+    weights of earlier layers). bitsandbytes' backward dequantizes again; the kept weight gives the
+    same output and the same input gradient, bit for bit."""
+    q = layer4bit(dtype).train()
+    x0 = torch.randn(2, 7, 128, dtype=dtype)
+    x1, x2 = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+    want = q(x1)
+    (want.float() * torch.linspace(-1, 1, 96)).sum().backward()
     D.install(torch.nn.Sequential(q), budget=1 << 30)
-    x = torch.randn(2, 128, requires_grad=True)
-    q(x).sum().backward()
-    assert x.grad is not None and q.forward.weight is None  # nothing cached on the gradient path
+    got = q(x2)
+    (got.float() * torch.linspace(-1, 1, 96)).sum().backward()
+    assert q.forward.weight is not None  # the gradient path used the kept weight
+    assert torch.equal(got, want) and torch.equal(x2.grad, x1.grad)
 
 
 def test_a_replaced_weight_is_dequantized_again():

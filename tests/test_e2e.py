@@ -75,11 +75,13 @@ def test_smoke_series_end_to_end_reports_rerun_and_compare(smoke_series):
     again = hb("run", str(SMOKE), *as_flags(smoke_series.params))
     assert again.returncode == 0 and again.stdout.count("skipped") == 5
 
-    # A second, smaller run that differs in lora_r, then the comparison.
+    # A second, smaller run that differs in lora_r, started at training (`--from 03` on a new experiment: 03
+    # makes the split itself, as a user skipping the data notebooks gets it), then the comparison.
     small = {"experiment": "smoke_r16", "lora_r": 16, "max_steps": 2, "grad_accum": 1, "eval_size": 2, "ppl_size": 2,
              "eval_max_new_tokens": 8, "qual_max_new_tokens": 8}
-    proc = hb("run", str(SMOKE), *as_flags({**smoke_series.params, **small}))
+    proc = hb("run", str(SMOKE), *as_flags({**smoke_series.params, **small}), "--from", "03")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "01_eda" not in proc.stdout and re.search(r"^05_qualitative\s+done\s", proc.stdout, flags=re.M)
     out = run.root.parent
     proc = hb("compare", str(run.root), str(out / "smoke_r16"), "--out", str(out / "compare"))
     assert proc.returncode == 0, proc.stderr[-3000:]
