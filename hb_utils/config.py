@@ -92,9 +92,10 @@ class ExperimentConfig:
     bnb_4bit_double_quant: bool = _f(True, "Double quantization of the 4-bit constants.", scope="train")
     compute_dtype: str = _f("auto", "auto (bf16 where supported, else fp16 on GPU / fp32 on CPU), bf16, fp16, fp32.",
                             choices=("auto", "bf16", "fp16", "fp32"), scope="train")
-    attn_implementation: str = _f("auto", "Attention kernel: auto (SDPA, except short CPU training batches "
+    attn_implementation: str = _f("auto", "Attention kernel: auto (SDPA, except short bf16 CPU training batches "
                                   "(at most 320 tokens at 1 thread, 160 at 2), which use matmul attention: faster "
-                                  "there, see hb_utils.attention), sdpa, or eager; same results up to rounding.",
+                                  "there; fp32 always SDPA; see hb_utils.attention), sdpa, or eager; same results "
+                                  "up to rounding.",
                                   choices=("auto", "sdpa", "eager"), scope="run")
     # --- LoRA ---
     lora_r: int = _f(8, "LoRA rank.", min=1, scope="train")

@@ -60,7 +60,7 @@ load_in_4bit: bool = True  # Quantize the base model to 4-bit (QLoRA).
 bnb_4bit_quant_type: str = 'nf4'  # 4-bit quantization type.
 bnb_4bit_double_quant: bool = True  # Double quantization of the 4-bit constants.
 compute_dtype: str = 'auto'  # auto (bf16 where supported, else fp16 on GPU / fp32 on CPU), bf16, fp16, fp32.
-attn_implementation: str = 'auto'  # Attention kernel: auto (SDPA, except short CPU training batches (at most 320 tokens at 1 thread, 160 at 2), which use matmul attention: faster there, see hb_utils.attention), sdpa, or eager; same results up to rounding.
+attn_implementation: str = 'auto'  # Attention kernel: auto (SDPA, except short bf16 CPU training batches (at most 320 tokens at 1 thread, 160 at 2), which use matmul attention: faster there; fp32 always SDPA; see hb_utils.attention), sdpa, or eager; same results up to rounding.
 lora_r: int = 8  # LoRA rank.
 lora_alpha: int = 16  # LoRA alpha; the adapter output is scaled by alpha / r.
 lora_dropout: float = 0.05  # LoRA dropout, in [0, 1).
@@ -133,9 +133,11 @@ if not run.already_trained:
 # In headless runs (papermill, `hb run`) one line is printed per `logging_steps`; a NaN/inf loss stops the run with
 # a message, and running out of memory names the parameters to lower.
 #
-# On a CPU two defaults make each step cheaper without changing the recipe: `attn_implementation: auto` uses plain
-# matmul attention for short training batches (PyTorch's fused CPU attention has a slow backward there) and
-# `fast_lora_dropout` draws the LoRA dropout masks 16 bits at a time (same `lora_dropout`, another random stream).
+# On a CPU three defaults make each step cheaper without changing the recipe: `attn_implementation: auto` uses plain
+# matmul attention for short bf16 training batches (PyTorch's fused CPU attention has a slow backward there; in fp32
+# SDPA is faster), `fast_lora_dropout` draws the LoRA dropout masks 16 bits at a time (same `lora_dropout`, another
+# random stream), and the frozen 4-bit weights are dequantized once, not in every step (same results, more memory;
+# `HB_DEQUANT_CACHE=0` turns it off).
 # `params/cpu_exp1_fast.yaml` also turns gradient checkpointing off and groups examples by length;
 # `benchmarks/bench_train.py` measures each of these against the original method.
 #
