@@ -12,8 +12,8 @@ same greedy text (the merged model is the measured export of the same adapter).
 
 Why merged should be faster on CPU: bitsandbytes' 4-bit layers dequantize every weight on every
 forward and PEFT adds two small matmuls per adapted layer; the merged model is one plain fp32 matmul
-per layer (fp16 on disk, upcast on load). ``hb chat`` keeps the dequantized weights of an
-inference-only 4-bit model (``hb_utils.dequantized_weights``), which removes most of the first cost,
+per layer (fp16 on disk, upcast on load). ``hb chat`` keeps the dequantized weights of a
+frozen 4-bit model (``hb_utils.dequantized_weights``), which removes most of the first cost,
 so three rows are timed: the adapter as ``hb chat`` runs it, the merged model, and the adapter on
 bitsandbytes' own uncached 4-bit path (``HB_DEQUANT_CACHE=0``).
 """
@@ -33,15 +33,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = ("My father is 67, has had type 2 diabetes for ten years and now his feet often feel numb and tingle "
             "at night. What causes this, and what should he do?")
-
-
-def cpu_info() -> dict[str, object]:
-    """lscpu's model name and whether the CPU has native bf16 (AVX512-BF16 / AMX)."""
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    flags = fields.get("Flags", "").split()
-    return {"model": fields.get("Model name", "?").strip(), "cpus": fields.get("CPU(s)", "?").strip(),
-            "avx512_bf16": "avx512_bf16" in flags, "amx": any(f.startswith("amx") for f in flags)}
 
 
 def peak_rss_mib() -> float:
@@ -123,8 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     from hb_utils.export import export_run
 
     run = Path(args.run).resolve()
-    cpu = cpu_info()
-    print(f"CPU: {cpu['model']} ({cpu['cpus']} CPUs), avx512_bf16={cpu['avx512_bf16']}, amx={cpu['amx']}", flush=True)
+    import bench_machine as machine  # benchmarks/ is on sys.path when this file runs as a script
+
+    from hb_utils import device
+
+    cpu = device.cpu_info()
+    print(machine.cpu_line(), flush=True)
     timings: dict[str, float] = {}
     merged = run / "export" / "merged"
     if args.reexport or not (merged / "config.json").is_file():

@@ -13,8 +13,8 @@ while the total stays under :data:`MAX_SHARE` of the memory available when the m
 that the rest keep dequantizing per call. ``HB_DEQUANT_CACHE=0`` turns it off.
 
 A 4-bit weight never learns (integer storage; LoRA trains beside it); a layer that runs off the CPU
-uses bitsandbytes' own forward. If a layer's 4-bit weight is replaced (e.g. a PEFT merge into the 4-bit model), the cache
-notices the new tensor and dequantizes again.
+uses bitsandbytes' own forward. If a layer's 4-bit weight is replaced (e.g. a PEFT merge into the
+4-bit model), the cache notices the new tensor and dequantizes again.
 """
 
 from __future__ import annotations
