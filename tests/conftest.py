@@ -63,6 +63,31 @@ def medquad() -> Path:
     return MEDQUAD
 
 
+# --------------------------------------------------------------------------- two test processes (pytest-xdist)
+def xdist_group_of(item: pytest.Item) -> str:
+    """Which pytest-xdist group a test runs in (CI: ``pytest -n 2 --dist loadgroup``, one group per process
+    at a time). A group's tests run in one process, in order, so an expensive fixture is built once and
+    never used by two processes at once: every test of the shared smoke series in one group (it is one
+    run directory that some of them rerun stages in), every test of the trained smoke adapter (the chat
+    and export tests) in another, and the rest by module, which keeps each module-scoped fixture in one
+    process."""
+    if "smoke_series" in item.fixturenames:
+        return "smoke_series"
+    if "trained_smoke_run" in item.fixturenames or item.module.__name__.endswith("test_export"):
+        return "smoke_adapter"
+    return item.module.__name__
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test with its group, and put the two long groups first: with ``--no-loadscope-reorder``
+    xdist hands groups out in this order, so the smoke series starts at once in one process while the
+    other process works through everything else."""
+    first = {"smoke_series": 0, "smoke_adapter": 1}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(xdist_group_of(item)))
+    items.sort(key=lambda item: first.get(xdist_group_of(item), 2))
+
+
 # --------------------------------------------------------------------------- the smoke series, once per session
 SMOKE = ROOT / "params" / "smoke.yaml"
 
