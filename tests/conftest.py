@@ -78,6 +78,7 @@ def xdist_group_of(item: pytest.Item) -> str:
     return item.module.__name__
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the marks into the groups it schedules
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark each test with its group, and put the two long groups first: with ``--no-loadscope-reorder``
     xdist hands groups out in this order, so the smoke series starts at once in one process while the
