@@ -78,6 +78,19 @@ def xdist_group_of(item: pytest.Item) -> str:
     return item.module.__name__
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, give each test process its share of the cores (OMP_NUM_THREADS, which the
+    notebook kernels and `hb` commands it starts inherit): two processes of two torch threads each on
+    2 cores made training ~10x slower (OpenMP threads spinning on a busy core), one thread each keeps
+    both cores busy. A value the user set is kept."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(threads)
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the marks into the groups it schedules
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark each test with its group, and put the two long groups first: with ``--no-loadscope-reorder``
