@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_eval.py --threads 1        # N=32 questions, params/smoke.yaml
     .venv/bin/python benchmarks/bench_eval.py --n 64 --repeats 3 --parts ppl
+    .venv/bin/python benchmarks/bench_eval.py --threads 1 --gen-batch-sizes 8,16 --ppl-batch-sizes 2,4,16  # + sizes
 
 Both methods run in the same process on the same weights (SmolLM2-135M-Instruct of the smoke config),
 the same chat-template texts and the same settings, so the ratio is what counts on a shared machine.
@@ -96,7 +97,7 @@ def timed(fn, repeats: int):
     return statistics.median(times), result
 
 
-def bench_generation(cfg, chosen, repeats: int) -> None:
+def bench_generation(cfg, chosen, repeats: int, sizes: list[int] = ()) -> None:
     questions = [r["question"] for r in chosen]
     model = modeling.load_base_model(cfg)
     tokenizer = load_tokenizer(cfg.model_name)
@@ -119,9 +120,15 @@ def bench_generation(cfg, chosen, repeats: int) -> None:
     worked = 2 * machine.matmul_params(model) * (sum(len(prompt_ids(tokenizer, q, cfg.system_prompt)) for q in questions) + tokens)
     print(f"            achieved: batched {machine.share(worked, t_batch, RATES['fp32'])}, one at a time "
           f"{machine.share(worked, t_loop, RATES['fp32'])} (fp32 GEMM {RATES['fp32']} GFLOP/s)")
+    for size in sizes:  # the per-class choice of gen_batch_size
+        t, out = timed(lambda size=size: generate_answers(model, tokenizer, questions, cfg.system_prompt,
+                                                          batch_size=size, progress=False, **kw), repeats)
+        same = sum(a.text == b.text for a, b in zip(out, looped, strict=True))
+        print(f"            gen_batch_size {size:3d}: {t:7.1f} s, {t_loop / t:4.1f}x the loop, "
+              f"{t_batch / t:4.2f}x batch {cfg.gen_batch_size}, identical texts {same}/{len(questions)}")
 
 
-def bench_perplexity(cfg, chosen, repeats: int) -> None:
+def bench_perplexity(cfg, chosen, repeats: int, sizes: list[int] = ()) -> None:
     convs = [r["messages"] for r in chosen]
     tokenizer = load_tokenizer(cfg.model_name)
     original, project = load_as_original(cfg), modeling.load_base_model(cfg)
@@ -155,20 +162,41 @@ def bench_perplexity(cfg, chosen, repeats: int) -> None:
           f"<= {rel:.1e} (relative); answer ppl {perplexity.answer_perplexity(nll_b):.4f} / "
           f"{perplexity.answer_perplexity(nll_w):.4f} / {perplexity.answer_perplexity(nll_1):.4f} "
           "(project / no shared prefix / one at a time)")
+    for size in sizes:  # the per-class choice of ppl_batch_size
+        t, nll = timed(lambda size=size: perplexity.token_nll(project, tokenizer, convs, batch_size=size,
+                                                              progress=False), repeats)
+        diff = float(np.max(np.abs(nll["full_nll"] / nll["full_tokens"] - project_losses)))
+        print(f"            ppl_batch_size {size:3d}: {t:6.1f} s, {t_orig / t:4.1f}x the loop, "
+              f"{t_b / t:4.2f}x batch {cfg.ppl_batch_size}, per-example losses within {diff:.1e}")
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params/smoke.yaml")
     ap.add_argument("--n", type=int, default=32, help="questions (>= 32 for the reported figure)")
     ap.add_argument("--repeats", type=int, default=1, help="repeat each timing; medians are printed")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--parts", default="gen,ppl", help="comma-separated: gen (generation), ppl (perplexity)")
+    ap.add_argument("--gen-batch-sizes", default="", help="also time generation at these batch sizes (e.g. 8,16,64)")
+    ap.add_argument("--ppl-batch-sizes", default="", help="also time perplexity at these batch sizes (e.g. 2,4,16)")
     ap.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"), help="config override")
-    args = ap.parse_args()
-    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    if not parts or parts - {"gen", "ppl"}:
+    args = ap.parse_args(argv)
+    args.parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if not args.parts or args.parts - {"gen", "ppl"}:
         raise SystemExit(f"--parts takes gen and/or ppl, got {args.parts!r}")
+    try:
+        args.sizes = {part: [int(x) for x in getattr(args, f"{part}_batch_sizes").split(",") if x.strip()]
+                      for part in ("gen", "ppl")}
+    except ValueError as exc:
+        raise SystemExit(f"--gen-batch-sizes/--ppl-batch-sizes take comma-separated integers: {exc}") from None
+    if any(size < 1 for sizes in args.sizes.values() for size in sizes):
+        raise SystemExit("batch sizes must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    parts, sizes = args.parts, args.sizes
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -181,9 +209,9 @@ def main() -> None:
     print("GEMM rate measured now: " + ", ".join(f"{k} {v} GFLOP/s" for k, v in RATES.items()), flush=True)
     if "gen" in parts:
         bench_generation(load_config(args.params, **{"load_in_4bit": False, "compute_dtype": "fp32", **dict(args.p)}),
-                         chosen, args.repeats)
+                         chosen, args.repeats, sizes["gen"])
     if "ppl" in parts:
-        bench_perplexity(cfg, chosen, args.repeats)
+        bench_perplexity(cfg, chosen, args.repeats, sizes["ppl"])
 
 
 if __name__ == "__main__":

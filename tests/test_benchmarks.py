@@ -41,6 +41,17 @@ def test_variants_train_the_config_they_name():
     assert args.params.endswith("cpu_exp1.yaml") and args.max_length is None and args.threads == 2
 
 
+def test_bench_eval_arguments_take_extra_batch_sizes(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as when it runs as a script: imports bench_machine
+    bench = load_bench("bench_eval")
+    args = bench.parse_args(["--gen-batch-sizes", "8, 16", "--parts", "gen"])
+    assert args.sizes == {"gen": [8, 16], "ppl": []} and args.parts == {"gen"}
+    assert bench.parse_args([]).sizes == {"gen": [], "ppl": []}
+    for bad in (["--parts", "speed"], ["--ppl-batch-sizes", "4,x"], ["--gen-batch-sizes", "0"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_tiny_benchmark_run_reports_both_methods(medquad, tmp_path):
