@@ -97,9 +97,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     xdist hands groups out in this order, so the smoke series starts at once in one process while the
     other process works through everything else."""
     first = {"smoke_series": 0, "smoke_adapter": 1}
+    groups = {item.nodeid: xdist_group_of(item) for item in items}
     for item in items:
-        item.add_marker(pytest.mark.xdist_group(xdist_group_of(item)))
-    items.sort(key=lambda item: first.get(xdist_group_of(item), 2))
+        item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
+    items.sort(key=lambda item: first.get(groups[item.nodeid], 2))
 
 
 # --------------------------------------------------------------------------- the smoke series, once per session
