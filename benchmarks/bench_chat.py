@@ -13,7 +13,7 @@ same greedy text (the merged model is the measured export of the same adapter).
 Why merged should be faster on CPU: bitsandbytes' 4-bit layers dequantize every weight on every
 forward and PEFT adds two small matmuls per adapted layer; the merged model is one plain fp32 matmul
 per layer (fp16 on disk, upcast on load). ``hb chat`` keeps the dequantized weights of a
-frozen 4-bit model (``hb_utils.dequantized_weights``), which removes most of the first cost,
+frozen 4-bit model (``hb_utils.model.dequantized_weights``), which removes most of the first cost,
 so three rows are timed: the adapter as ``hb chat`` runs it, the merged model, and the adapter on
 bitsandbytes' own uncached 4-bit path (``HB_DEQUANT_CACHE=0``).
 """
@@ -111,12 +111,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args.worker, args.new_tokens, args.repeats)))
         return 0
 
-    from hb_utils.export import export_run
+    from hb_utils.export.merge import export_run
 
     run = Path(args.run).resolve()
     import bench_machine as machine  # benchmarks/ is on sys.path when this file runs as a script
 
-    from hb_utils import device
+    from hb_utils.model import device
 
     cpu = device.cpu_info()
     print(machine.cpu_line(), flush=True)
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [("adapter on 4-bit base", run, {}),
             ("merged (fp16 on disk, fp32 compute)", merged, {}),
             # bitsandbytes' own 4-bit path (dequantize every weight on every forward), what `hb chat` ran
-            # before hb_utils.dequantized_weights; the ratio against it is the 4-bit format's own cost
+            # before hb_utils.model.dequantized_weights; the ratio against it is the 4-bit format's own cost
             ("adapter, 4-bit path uncached", run, {"HB_DEQUANT_CACHE": "0"})]
     for name, path, env in rows:
         cmd = [sys.executable, __file__, "--worker", str(path), "--new-tokens", str(args.new_tokens),

@@ -3,7 +3,7 @@
     python benchmarks/bench_ddp.py                                  # Experiment 1's settings, 64 examples, 4 steps
     python benchmarks/bench_ddp.py --examples 16 --steps 1 --max-length 128   # a quick check that it works
 
-Both variants run stage 03 as the notebook does (hb_utils.training.prepare + fit; the 2-process one through
+Both variants run stage 03 as the notebook does (hb_utils.train.training.prepare + fit; the 2-process one through
 ``accelerate launch`` and gloo) on the same MedQuAD training examples from ``--params`` (default
 params/cpu_exp1.yaml: 4-bit NF4 QLoRA, max_length 512, Experiment 1's hyperparameters) with the same
 effective batch of 8: 1 process uses batch 2 x grad_accum 4, 2 processes batch 2 x grad_accum 2 each. The
@@ -33,7 +33,7 @@ VARIANTS = {"1proc_x_2threads": (1, 2), "2procs_x_1thread": (2, 1)}  # name: (pr
 
 CHILD = """
 import json, sys
-from hb_utils import training
+from hb_utils.train import training
 from hb_utils.config import ExperimentConfig
 cfg = ExperimentConfig(**json.loads(sys.argv[1]))
 print("RESULT " + json.dumps(training.train(cfg), default=str), flush=True)

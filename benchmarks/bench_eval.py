@@ -9,15 +9,15 @@ the same chat-template texts and the same settings, so the ratio is what counts 
 
 Generation: the model is loaded unquantized in fp32 (override with ``-p``), because the check that
 both give identical texts needs fp32 (a padded batch rounds differently in the last bits, which in
-bf16 can flip a near-tied argmax; see hb_utils.generation). The original loop calls
+bf16 can flip a near-tied argmax; see hb_utils.model.generation). The original loop calls
 ``model.generate`` once per question (no padding at all) and decodes the new tokens.
 
 Perplexity is timed as 04_evaluate runs it: the config's own model settings (smoke: 4-bit NF4 with
 compute dtype ``auto`` = bf16 on this CPU). The original method loads the model the original way
 (``from_pretrained`` with the ``BitsAndBytesConfig``, bitsandbytes' defaults) and takes one
 ``model(ids, labels=ids)`` loss per example over the full text. The project runs
-:func:`hb_utils.perplexity.token_nll` (length-sorted batches of ``ppl_batch_size``, answer and full-text
-NLL in one pass) on :func:`hb_utils.modeling.load_base_model`'s model, which keeps bitsandbytes on
+:func:`hb_utils.evaluate.perplexity.token_nll` (length-sorted batches of ``ppl_batch_size``, answer and full-text
+NLL in one pass) on :func:`hb_utils.model.loading.load_base_model`'s model, which keeps bitsandbytes on
 its dequantize + matmul path on CPU (see ``modeling.use_dequantize_matmul_path``). The project's
 own passes without the shared prefix, batched and at batch size 1, are timed too, so the three gains
 (kernel path, batching, shared prefix) are shown apart. The per-example full-text losses of both
@@ -35,10 +35,13 @@ import bench_machine as machine  # benchmarks/ is on sys.path when this file run
 import numpy as np
 import torch
 
-from hb_utils import data, device, model_source, modeling, perplexity
 from hb_utils.config import load_config
-from hb_utils.generation import GenResult, build_prompt, generate_answers, prompt_ids
-from hb_utils.tokenizer import load_tokenizer, stop_token_ids
+from hb_utils.data import medquad
+from hb_utils.evaluate import perplexity
+from hb_utils.model import device, loading, source
+from hb_utils.model.generation import GenResult, build_prompt, generate_answers, prompt_ids
+from hb_utils.model.source import load_tokenizer
+from hb_utils.model.tokenizer import stop_token_ids
 
 
 def one_at_a_time(model, tokenizer, questions, system_prompt, max_new_tokens) -> list[GenResult]:
@@ -75,10 +78,10 @@ def load_as_original(cfg):
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": device.resolve_compute_dtype(cfg.compute_dtype)}
-    qconf = modeling.quantization_config(cfg)
+    qconf = loading.quantization_config(cfg)
     if qconf is not None:
         kwargs.update(quantization_config=qconf, device_map={"": "cuda" if torch.cuda.is_available() else "cpu"})
-    return AutoModelForCausalLM.from_pretrained(model_source.resolve_model_path(cfg.model_name), **kwargs).eval()
+    return AutoModelForCausalLM.from_pretrained(source.resolve_model_path(cfg.model_name), **kwargs).eval()
 
 
 RATES: dict[str, float] = {}  # this machine's GEMM rates, measured at the start of the run (bench_machine)
@@ -99,7 +102,7 @@ def timed(fn, repeats: int):
 
 def bench_generation(cfg, chosen, repeats: int, sizes: list[int] = ()) -> None:
     questions = [r["question"] for r in chosen]
-    model = modeling.load_base_model(cfg)
+    model = loading.load_base_model(cfg)
     tokenizer = load_tokenizer(cfg.model_name)
     print(f"generation: {cfg.model_name} (4-bit={cfg.load_in_4bit}, "
           f"dtype={device.resolve_compute_dtype(cfg.compute_dtype)}), {len(questions)} questions, greedy, "
@@ -131,7 +134,7 @@ def bench_generation(cfg, chosen, repeats: int, sizes: list[int] = ()) -> None:
 def bench_perplexity(cfg, chosen, repeats: int, sizes: list[int] = ()) -> None:
     convs = [r["messages"] for r in chosen]
     tokenizer = load_tokenizer(cfg.model_name)
-    original, project = load_as_original(cfg), modeling.load_base_model(cfg)
+    original, project = load_as_original(cfg), loading.load_base_model(cfg)
     n_tokens = sum(len(perplexity.tokenize_for_perplexity(tokenizer, c)[0]) for c in convs)
     print(f"perplexity: {cfg.model_name} (4-bit={cfg.load_in_4bit}, "
           f"dtype={device.resolve_compute_dtype(cfg.compute_dtype)}), {len(convs)} test examples, "
@@ -201,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.params, **dict(args.p))
-    records = data.prepare_splits(cfg, write=False).records  # nothing is written
+    records = medquad.prepare_splits(cfg, write=False).records  # nothing is written
     chosen = (records["test"] + records["val"] + records["train"])[:args.n]
     print(f"{len(chosen)} examples (test split first), torch threads={torch.get_num_threads()}")
     print(machine.cpu_line())

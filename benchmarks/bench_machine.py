@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from hb_utils import device
+from hb_utils.model import device
 
 
 def cpu_line() -> str:

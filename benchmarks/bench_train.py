@@ -14,12 +14,12 @@ compute dtype, on both cores. Variants:
                     token, so every end-of-turn token, out of the loss), full-sequence loss, gradient
                     checkpointing on, plain ``transformers.Trainer``, transformers' default attention (SDPA),
                     PEFT's ``nn.Dropout``, bitsandbytes' own 4-bit path (dequantize in every call).
-* ``project``       hb_utils.training as configured for Experiment 1 (TRL SFTTrainer, prompt/completion,
+* ``project``       hb_utils.train.training as configured for Experiment 1 (TRL SFTTrainer, prompt/completion,
                     loss on the answer + end-of-turn only, gradient checkpointing on, no length grouping,
                     whatever ``--params`` says about these two) with the project's
-                    default kernels: ``attn_implementation: auto`` (hb_utils.attention),
-                    ``fast_lora_dropout`` (hb_utils.lora_dropout) and the kept dequantized 4-bit weights
-                    (hb_utils.dequantized_weights; ``HB_DEQUANT_CACHE=0`` turns them off).
+                    default kernels: ``attn_implementation: auto`` (hb_utils.model.attention),
+                    ``fast_lora_dropout`` (hb_utils.model.lora_dropout) and the kept dequantized 4-bit weights
+                    (hb_utils.model.dequantized_weights; ``HB_DEQUANT_CACHE=0`` turns them off).
 * ``project_fast``  the same with the two settings that pay on CPU: ``gradient_checkpointing=False`` (the
                     model is small, activations fit) and ``group_by_length=True`` (less padding) -- what
                     ``params/cpu_exp1_fast.yaml`` runs.
@@ -38,7 +38,7 @@ Not used: padding-free batches. transformers 5 would keep example boundaries (it
 mask from packed ``position_ids`` for SDPA and eager attention too), but TRL allows ``padding_free`` without
 packing only when ``max_length`` is unset, and packing changes how many examples make a step. Tried and
 dropped: a larger per-device batch at the same effective batch (8 x 1: slower, 5.4 GB; 4 x 2: +3%),
-running the system turn shared by a micro-batch once (see hb_utils.sft_trainer), ``torch_compile``
+running the system turn shared by a micro-batch once (see hb_utils.train.sft_trainer), ``torch_compile``
 (compiling had not finished 4 steps after 8 minutes), and eager attention for every call (+7 % at
 max_length 256 without checkpointing, equal at 512, 4 % slower with checkpointing: what led to ``auto``).
 Measured and left: glibc's allocator (a step spends about 7 % in the kernel on page faults of fresh
@@ -62,8 +62,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("original", "project", "project_fast")
-# lever checks: TRL's own fused-head loss instead of ours; PEFT's nn.Dropout instead of hb_utils.lora_dropout;
-# SDPA or eager attention instead of auto (hb_utils.attention)
+# lever checks: TRL's own fused-head loss instead of ours; PEFT's nn.Dropout instead of hb_utils.model.lora_dropout;
+# SDPA or eager attention instead of auto (hb_utils.model.attention)
 EXTRA_VARIANTS = ("project_fast_trl_loss", "project_fast_torch_dropout", "project_fast_sdpa", "project_fast_eager",
                   "project_fast_sdpa_torch_dropout", "project_fast_eager_torch_dropout")  # before both kernels
 
@@ -170,8 +170,8 @@ def run_original(cfg, train: list[dict], workdir: Path, clock, dtype):
     from peft import get_peft_model
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-    from hb_utils import modeling
-    from hb_utils.tokenizer import load_tokenizer
+    from hb_utils.model import loading
+    from hb_utils.model.source import load_tokenizer
 
     cfg = cfg.replace(attn_implementation="sdpa")  # transformers' default attention, as the original had
     os.environ["HB_DEQUANT_CACHE"] = "0"  # bitsandbytes' own 4-bit path: the kept weights are a project lever
@@ -179,11 +179,11 @@ def run_original(cfg, train: list[dict], workdir: Path, clock, dtype):
     tokenizer.pad_token = tokenizer.eos_token  # as the original: pad = eos (end-of-turn)
     texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in train]
     dataset = Dataset.from_dict({"text": texts}).map(
-        # the rendered text already holds the BOS where the tokenizer uses one (hb_utils.tokenizer): no second one
+        # the rendered text already holds the BOS where the tokenizer uses one (hb_utils.model.tokenizer): no second one
         lambda ex: tokenizer(ex["text"], truncation=True, max_length=cfg.max_length, add_special_tokens=False),
         remove_columns=["text"])
-    model = modeling.load_base_model(cfg, for_training=True)
-    model = get_peft_model(model, modeling.lora_config(cfg))
+    model = loading.load_base_model(cfg, for_training=True)
+    model = get_peft_model(model, loading.lora_config(cfg))
     model.enable_input_require_grads()  # needed with gradient checkpointing on a frozen, quantized base
     args = TrainingArguments(
         output_dir=str(workdir / "original"), per_device_train_batch_size=cfg.batch_size,
@@ -201,12 +201,12 @@ def run_original(cfg, train: list[dict], workdir: Path, clock, dtype):
 
 
 def run_project(cfg, train: list[dict], workdir: Path, clock, name: str):
-    """hb_utils.trl_setup.build_trainer (what training.prepare trains), without the run directory."""
+    """hb_utils.train.trl_setup.build_trainer (what training.prepare trains), without the run directory."""
     from trl import SFTTrainer
 
-    from hb_utils import trl_setup
-    from hb_utils.sft_trainer import SupervisedLogitsSFTTrainer
-    from hb_utils.tokenizer import load_tokenizer
+    from hb_utils.model.source import load_tokenizer
+    from hb_utils.train import trl_setup
+    from hb_utils.train.sft_trainer import SupervisedLogitsSFTTrainer
 
     tokenizer = load_tokenizer(cfg.model_name)
     args = trl_setup.build_sft_config(cfg, output_dir=workdir / name, has_eval=False)
@@ -222,7 +222,7 @@ def child(args: argparse.Namespace) -> None:
     import bench_machine as machine
     import torch
 
-    from hb_utils import device
+    from hb_utils.model import device
 
     torch.set_num_threads(args.threads)
     workdir = Path(args.workdir)
@@ -255,9 +255,9 @@ def child(args: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------------- parent
 def prepare_split(args: argparse.Namespace, workdir: Path) -> dict:
-    from hb_utils import data
+    from hb_utils.data import medquad
 
-    splits = data.ensure_splits(base_config(args, workdir))
+    splits = medquad.ensure_splits(base_config(args, workdir))
     if len(splits["train"]) < args.examples:
         raise SystemExit(f"only {len(splits['train'])} training examples available; lower --examples")
     split = {"train": splits["train"][: args.examples], "val": splits["val"][: args.val_examples]}

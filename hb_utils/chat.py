@@ -3,11 +3,11 @@
 Why it looks the way it does:
 
 * **Same model, same prompt as the evaluation.** A run directory loads the adapter on the 4-bit
-  base exactly as stage 04 does (:func:`hb_utils.modeling.load_adapter_model`, which refuses a
+  base exactly as stage 04 does (:func:`hb_utils.model.loading.load_adapter_model`, which refuses a
   missing adapter or one of another base model); an exported merged model
   (``outputs/<exp>/export/merged``) loads as a plain transformers model. Prompts use the run's system
   prompt and the tokenizer's own chat template, and stop at its end-of-turn token, so a greedy
-  chat answer equals :func:`hb_utils.generation.generate_answers` for the same question.
+  chat answer equals :func:`hb_utils.model.generation.generate_answers` for the same question.
 * **Fine-tuned / Base switch** = the adapter switched off on the *same* loaded model
   (``disable_adapter()``), so the two differ only by the adapter (as in 04).
 * **Streaming** with transformers' ``TextIteratorStreamer``: ``generate`` runs in a thread and
@@ -35,11 +35,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hb_utils import device, modeling
-from hb_utils import tokenizer as tokenizer_policy
 from hb_utils.config import ExperimentConfig
 from hb_utils.errors import ModelError, RunError
-from hb_utils.run_dir import RunPaths, read_json, resolve
+from hb_utils.export.paths import EXPORT_CONFIG
+from hb_utils.model import device, loading
+from hb_utils.model import tokenizer as tokenizer_policy
+from hb_utils.progress import is_headless
+from hb_utils.run_dir import RunPaths, read_json, resolve, run_config
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -72,15 +74,13 @@ def load_chat_model(path: str | Path) -> ChatModel:
     Raises RunError/ModelError with the fix for anything else: no such folder, a run without an
     adapter or of another base model, a folder that is neither.
     """
-    from hb_utils.export import EXPORT_CONFIG, run_config
-
     root = resolve(path)
     if not (root / "config.json").is_file():
         raise RunError(f"{root} is neither a run directory nor an exported model (no config.json). Pass "
                        "outputs/<experiment> (after `hb run`) or outputs/<experiment>/export/merged (after `hb export`).")
     if "config" in read_json(root / "config.json"):  # a run directory: config.json written by `hb run`
         cfg = run_config(root)
-        model, tokenizer = modeling.load_adapter_model(cfg, RunPaths.for_config(cfg).adapter)
+        model, tokenizer = loading.load_adapter_model(cfg, RunPaths.for_config(cfg).adapter)
         return ChatModel(model, tokenizer, cfg, "adapter", root)
     if not (root / EXPORT_CONFIG).is_file():
         raise ModelError(f"{root} holds a model but no {EXPORT_CONFIG}, so its system prompt and settings are "
@@ -301,8 +301,6 @@ def show_in_notebook(run: ExperimentConfig | str | Path, *, enabled: bool | None
     the kernel alive. ``enabled`` forces either way. Interactively it loads the run's adapter
     (a second copy next to the notebook's) and shows the app below the cell on a free local port.
     """
-    from hb_utils.progress import is_headless
-
     if enabled is None:
         enabled = not is_headless()
     root = RunPaths.for_config(run).root if isinstance(run, ExperimentConfig) else resolve(run)

@@ -21,7 +21,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from hb_utils.config import FIELDS, type_name
 from hb_utils.errors import ConfigError, HBError
+from hb_utils.params_file import parse_params_yaml
+
+# Each command imports its stage inside its function: `hb --help` or a bad flag answers in a fraction of a
+# second instead of importing torch and transformers first. That is the only reason; the graph is one-way.
 
 
 def parse_overrides(parameters: Sequence[Sequence[str]] = (), yamls: Sequence[str] = (),
@@ -36,9 +41,6 @@ def parse_overrides(parameters: Sequence[Sequence[str]] = (), yamls: Sequence[st
     007`` reads as the number 7), this refuses and names ``-r``.
     """
     from papermill.cli import _resolve_type  # the function behind `papermill -p`
-
-    from hb_utils.config import FIELDS, type_name
-    from hb_utils.params_file import parse_params_yaml
 
     values: dict[str, Any] = {}
     for text in yamls:
@@ -96,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from hb_utils.export import export_run
+    from hb_utils.export.merge import export_run
 
     export_run(args.run_dir, merge_into=args.merge_into, dtype=args.dtype, gguf=args.gguf, overwrite=args.overwrite)
     return 0
@@ -111,7 +113,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from hb_utils.config import load_config
-    from hb_utils.runner import run_experiment
+    from hb_utils.runs.runner import run_experiment
 
     overrides = parse_overrides(args.parameter, args.parameters_yaml, args.parameter_raw)
     cfg = load_config(args.params, **overrides)  # ConfigError before any notebook starts
@@ -125,7 +127,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from hb_utils.compare import compare_runs
+    from hb_utils.runs.compare import compare_runs
 
     out = compare_runs(args.runs, out_dir=args.out, report=not args.no_report, kernel=args.kernel)
     for name, path in out.items():

@@ -3,7 +3,7 @@
 Why a dataclass and not a dict: papermill passes parameters as loose Python literals, and it only
 *warns* about names a notebook does not know; YAML 1.1 reads ``2e-4`` as a string. Both let a
 typo or a wrong type through silently. :class:`ExperimentConfig` is the single source of defaults
-(= Experiment 1), and :func:`load_config` / :func:`hb_utils.notebook.config_from_namespace` fail early with a
+(= Experiment 1), and :func:`load_config` / :func:`hb_utils.runs.notebook.config_from_namespace` fail early with a
 :class:`~hb_utils.errors.ConfigError` that names the parameter and the fix.
 
 Fingerprints (:meth:`ExperimentConfig.fingerprint`) let every artifact record which settings made
@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from hb_utils.errors import ConfigError
+from hb_utils.params_file import read_params_file
 
 SYSTEM_PROMPT = (
     "You are HealthBot, a knowledgeable and empathetic medical information assistant. "
@@ -43,7 +44,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 SCOPES = ("data", "train", "eval", "run")
 # Bump when the same data parameters produce different split files (the grouping changed), so splits and
 # adapters made by the old method are not reused as "the same config". 2: answers and near-duplicate answers
-# join groups (hb_utils.split).
+# join groups (hb_utils.data.split).
 SPLIT_METHOD_VERSION = 2
 FINGERPRINT_SCOPES = {"data": ("data",), "train": ("data", "train"), "eval": ("data", "train", "eval")}
 
@@ -94,7 +95,7 @@ class ExperimentConfig:
                             choices=("auto", "bf16", "fp16", "fp32"), scope="train")
     attn_implementation: str = _f("auto", "Attention kernel: auto (SDPA, except short bf16 CPU training batches "
                                   "(at most 320 tokens at 1 thread, 160 at 2), which use matmul attention: faster "
-                                  "there; fp32 always SDPA; see hb_utils.attention), sdpa, or eager; same results "
+                                  "there; fp32 always SDPA; see hb_utils.model.attention), sdpa, or eager; same results "
                                   "up to rounding.",
                                   choices=("auto", "sdpa", "eager"), scope="run")
     # --- LoRA ---
@@ -316,8 +317,6 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> ExperimentConfig:
     """Build the config from an optional YAML file plus keyword overrides (overrides win)."""
-    from hb_utils.params_file import read_params_file
-
     values = read_params_file(path) if path is not None else {}
     values.update(overrides)
     check_names(values)

@@ -4,7 +4,7 @@ Why: an executed notebook is the report people read. Every warning, log line or 
 library writes to stderr lands in it as a red block that the reader cannot act on (tqdm's "IProgress not
 found", transformers' FutureWarnings about its own renames, bitsandbytes saying a paged optimizer runs
 unpaged on CPU, 27 redraws of a GGUF conversion bar …). Before this module, five places each silenced
-part of it. Now :func:`apply` is the one switch (``hb_utils.notebook.begin`` calls it in every
+part of it. Now :func:`apply` is the one switch (``hb_utils.runs.notebook.begin`` calls it in every
 notebook), :data:`KNOWN_WARNINGS` is the one list of warnings filtered (each with why), and
 :func:`is_headless` the one test for "nobody watches this run" (papermill, ``hb run``, CI).
 

@@ -326,3 +326,23 @@ def checkpoint_dirs(folder: Path) -> list[Path]:
              if p.is_dir() and p.name.startswith("checkpoint-") and p.name.split("-", 1)[1].isdigit()
              and (p / "trainer_state.json").is_file()]
     return [p for _, p in sorted(found)]
+
+
+def run_config(run_dir: str | os.PathLike[str]) -> ExperimentConfig:
+    """The config of a finished run directory (its ``config.json``), pointed at that directory.
+
+    ``output_root``/``experiment`` are set from ``run_dir`` itself (they are bookkeeping, outside
+    every fingerprint), so a run directory that was copied or moved still finds its own files.
+    """
+    root = resolve(run_dir)
+    path = root / "config.json"
+    if not path.is_file():
+        raise RunError(f"{root} is not a run directory (no config.json). Pass outputs/<experiment> of a run made "
+                       "by `hb run params/<file>.yaml`.")
+    try:
+        values = dict(read_json(path)["config"])
+        values.update(output_root=str(root.parent), experiment=root.name)
+        return ExperimentConfig(**values)
+    except (KeyError, TypeError, ValueError, ConfigError) as exc:
+        raise RunError(f"{path} does not hold a config this kit can read ({exc}). Rerun the experiment with "
+                       "`hb run` to rewrite it.") from None

@@ -65,7 +65,7 @@ load_in_4bit: bool = True  # Quantize the base model to 4-bit (QLoRA).
 bnb_4bit_quant_type: str = 'nf4'  # 4-bit quantization type.
 bnb_4bit_double_quant: bool = True  # Double quantization of the 4-bit constants.
 compute_dtype: str = 'auto'  # auto (bf16 where supported, else fp16 on GPU / fp32 on CPU), bf16, fp16, fp32.
-attn_implementation: str = 'auto'  # Attention kernel: auto (SDPA, except short bf16 CPU training batches (at most 320 tokens at 1 thread, 160 at 2), which use matmul attention: faster there; fp32 always SDPA; see hb_utils.attention), sdpa, or eager; same results up to rounding.
+attn_implementation: str = 'auto'  # Attention kernel: auto (SDPA, except short bf16 CPU training batches (at most 320 tokens at 1 thread, 160 at 2), which use matmul attention: faster there; fp32 always SDPA; see hb_utils.model.attention), sdpa, or eager; same results up to rounding.
 lora_r: int = 8  # LoRA rank.
 lora_alpha: int = 16  # LoRA alpha; the adapter output is scaled by alpha / r.
 lora_dropout: float = 0.05  # LoRA dropout, in [0, 1).
@@ -109,7 +109,7 @@ qual_seed: int = 42  # Sampling seed, so a rerun gives the same text.
 progress: bool = True  # Show progress bars (kept quiet in headless runs).
 
 # %% tags=["hide-input"]
-from hb_utils.notebook import begin
+from hb_utils.runs.notebook import begin
 
 cfg = begin(globals())  # validates the parameters above (a typo fails here), shows this run vs Experiment 1
 
@@ -117,7 +117,7 @@ cfg = begin(globals())  # validates the parameters above (a typo fails here), sh
 import pandas as pd
 from IPython.display import display
 
-from hb_utils import evaluation
+from hb_utils.evaluate import evaluation
 from hb_utils.run_dir import RunPaths
 
 run = RunPaths.for_config(cfg)

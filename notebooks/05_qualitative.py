@@ -21,12 +21,12 @@
 # * **stopped** — ended by itself (end of turn) before the token limit;
 # * **disclaimer** — advises seeing a professional: an imperative or recommendation (see / talk to / ask /
 #   contact / seek …, "should see", "is recommended") whose object is a doctor, nurse, pharmacist, specialist,
-#   health care provider …, or to seek medical help (`hb_utils.metrics.ADVICE_PATTERNS`); a mere mention
+#   health care provider …, or to seek medical help (`hb_utils.evaluate.metrics.ADVICE_PATTERNS`); a mere mention
 #   ("Doctors diagnose it with an MRI") does not count;
 # * **on topic** (in-domain) — mentions a content word of the prompt (first five letters, stop words ignored);
 # * **declined** (out-of-domain) — refuses or redirects ("I'm sorry", "I can't", "outside my scope",
 #   "I only answer health questions" …);
-# * **EMPTY/LOOP** — no text, or a repetition loop (`hb_utils.metrics.is_looping`).
+# * **EMPTY/LOOP** — no text, or a repetition loop (`hb_utils.evaluate.metrics.is_looping`).
 
 # %% tags=["hide-cell"]
 # Colab: install this repository's package first (README, "Colab"). Does nothing where hb_utils is installed.
@@ -65,7 +65,7 @@ load_in_4bit: bool = True  # Quantize the base model to 4-bit (QLoRA).
 bnb_4bit_quant_type: str = 'nf4'  # 4-bit quantization type.
 bnb_4bit_double_quant: bool = True  # Double quantization of the 4-bit constants.
 compute_dtype: str = 'auto'  # auto (bf16 where supported, else fp16 on GPU / fp32 on CPU), bf16, fp16, fp32.
-attn_implementation: str = 'auto'  # Attention kernel: auto (SDPA, except short bf16 CPU training batches (at most 320 tokens at 1 thread, 160 at 2), which use matmul attention: faster there; fp32 always SDPA; see hb_utils.attention), sdpa, or eager; same results up to rounding.
+attn_implementation: str = 'auto'  # Attention kernel: auto (SDPA, except short bf16 CPU training batches (at most 320 tokens at 1 thread, 160 at 2), which use matmul attention: faster there; fp32 always SDPA; see hb_utils.model.attention), sdpa, or eager; same results up to rounding.
 lora_r: int = 8  # LoRA rank.
 lora_alpha: int = 16  # LoRA alpha; the adapter output is scaled by alpha / r.
 lora_dropout: float = 0.05  # LoRA dropout, in [0, 1).
@@ -109,14 +109,14 @@ qual_seed: int = 42  # Sampling seed, so a rerun gives the same text.
 progress: bool = True  # Show progress bars (kept quiet in headless runs).
 
 # %% tags=["hide-input"]
-from hb_utils.notebook import begin
+from hb_utils.runs.notebook import begin
 
 cfg = begin(globals())  # validates the parameters above (a typo fails here), shows this run vs Experiment 1
 
 # %%
 from IPython.display import Markdown, display
 
-from hb_utils import qualitative
+from hb_utils.evaluate import qualitative
 
 rows = qualitative.run_qualitative(cfg)  # writes metrics/qualitative.jsonl and metrics/qualitative.md
 print("sampling:", rows[0]["sampling"])

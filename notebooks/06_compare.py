@@ -35,7 +35,8 @@ out_dir: str = "outputs/compare"  # Where tables, plots and this report go.
 # %%
 from IPython.display import Markdown, display
 
-from hb_utils import compare, quiet
+from hb_utils import quiet
+from hb_utils.runs import compare
 
 quiet.apply()
 runs = [compare.load_run(d) for d in run_dirs]

@@ -20,7 +20,7 @@ from jupytext.cli import jupytext as jupytext_cli
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hb_utils.notebook import parameters_cell_source  # noqa: E402
+from hb_utils.runs.notebook import parameters_cell_source  # noqa: E402
 
 NOTEBOOKS = ROOT / "notebooks"
 # Notebooks with parameters of their own (not the experiment config): left alone.

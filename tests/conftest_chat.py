@@ -17,10 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from hb_utils import data, model_source, modeling, runner, training
 from hb_utils.config import ExperimentConfig, load_config
+from hb_utils.data import medquad
 from hb_utils.errors import ModelError
+from hb_utils.model import loading, source
 from hb_utils.run_dir import RunPaths
+from hb_utils.runs import runner
+from hb_utils.train import training
 from tests.conftest import ROOT, write_release
 
 _MEMO: dict[str, Path] = {}
@@ -28,7 +31,7 @@ _MEMO: dict[str, Path] = {}
 
 def _smollm2_dir() -> Path:
     try:
-        return Path(model_source.resolve_model_path(model_source.SMOLLM2_ALIAS))
+        return Path(source.resolve_model_path(source.SMOLLM2_ALIAS))
     except ModelError as exc:
         pytest.skip(f"offline model unavailable: {exc}")
 
@@ -66,15 +69,15 @@ def make_tiny_run(root: Path, name: str = "tiny", **changes) -> ExperimentConfig
     values.update(changes)
     cfg = load_config(ROOT / "params" / "smoke.yaml", **values)
     runner.open_run(cfg)
-    data.prepare_splits(cfg)
+    medquad.prepare_splits(cfg)
     torch.manual_seed(1)
-    base = modeling.load_base_model(cfg)
-    peft_model = get_peft_model(base, modeling.lora_config(cfg))
+    base = loading.load_base_model(cfg)
+    peft_model = get_peft_model(base, loading.lora_config(cfg))
     for name_, param in peft_model.named_parameters():
         if "lora_B" in name_:
             torch.nn.init.normal_(param, std=0.2)
     peft_model.save_pretrained(RunPaths.for_config(cfg).adapter)
-    modeling.write_adapter_meta(cfg, RunPaths.for_config(cfg).adapter)
+    loading.write_adapter_meta(cfg, RunPaths.for_config(cfg).adapter)
     return cfg
 
 

@@ -1,4 +1,4 @@
-"""hb_utils.attention: the matmul path computes SDPA's attention, and auto picks it only where it should."""
+"""hb_utils.model.attention: the matmul path computes SDPA's attention, and auto picks it only where it should."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from torch.nn import functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from hb_utils import attention
 from hb_utils.config import ExperimentConfig
+from hb_utils.model import attention
 
 B, H, KV, D = 2, 6, 2, 16
 

@@ -34,11 +34,15 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from hb_utils import cli, data, eda, eval_reruns, modeling, run_dir, runner
+from hb_utils import cli, run_dir
 from hb_utils.config import ExperimentConfig, load_config
+from hb_utils.data import eda, medquad
 from hb_utils.errors import ConfigError, HBError
-from hb_utils.model_source import model_cache_root
-from hb_utils.notebook import config_from_namespace
+from hb_utils.evaluate import reruns
+from hb_utils.model import loading
+from hb_utils.model.source import model_cache_root
+from hb_utils.runs import runner
+from hb_utils.runs.notebook import config_from_namespace
 from tests.conftest import ROOT, SMOKE, as_flags, write_release
 from tests.conftest import hb as hb_process
 from tests.test_runner import fixture_notebook
@@ -105,8 +109,8 @@ def make_world(tmp_path: Path) -> World:
 
 def fake_stage(world: World) -> Callable:
     """A stand-in for runner.execute_stage: what each notebook writes, through the same library calls
-    (begin's claim, data.load_raw / eda.write_summary, data.prepare_splits, the adapter and metrics stamps,
-    eval_reruns.record_eval_rerun), without a kernel or a model. A kit error fails the stage as papermill would."""
+    (begin's claim, medquad.load_raw / eda.write_summary, medquad.prepare_splits, the adapter and metrics stamps,
+    reruns.record_eval_rerun), without a kernel or a model. A kit error fails the stage as papermill would."""
 
     def execute(stage: str, cfg: ExperimentConfig, reports: Path, kernel: str = "python3") -> runner.StageResult:
         world.calls.append(stage)
@@ -114,21 +118,21 @@ def fake_stage(world: World) -> Callable:
         try:
             paths = run_dir.claim(cfg, made_by="notebook")  # notebook.begin
             if stage == "01_eda":
-                raw, info = data.load_raw(cfg.dataset, cfg.dataset_split)
+                raw, info = medquad.load_raw(cfg.dataset, cfg.dataset_split)
                 eda.write_summary(cfg, info, eda.duplicate_questions(raw))
             elif stage == "02_format_split":
-                data.prepare_splits(cfg)
+                medquad.prepare_splits(cfg)
             elif stage == "03_train_qlora":
                 paths.adapter.mkdir(parents=True, exist_ok=True)
                 (paths.adapter / "adapter_config.json").write_text("{}")
-                modeling.write_adapter_meta(cfg, paths.adapter)
+                loading.write_adapter_meta(cfg, paths.adapter)
                 run_dir.write_json(paths.metrics / "train.json", {"stamp": run_dir.stamp(cfg, "train", "fake")})
             elif stage == "04_evaluate":
-                eval_reruns.record_eval_rerun(cfg, stage, made_by="fake 04")
+                reruns.record_eval_rerun(cfg, stage, made_by="fake 04")
                 run_dir.write_jsonl(paths.metrics / "predictions.jsonl", [{"fingerprint": cfg.fingerprint("eval")}])
                 run_dir.write_json(paths.metrics / "eval.json", {"stamp": run_dir.stamp(cfg, "eval", "fake")})
             elif stage == "05_qualitative":
-                eval_reruns.record_eval_rerun(cfg, stage, made_by="fake 05")
+                reruns.record_eval_rerun(cfg, stage, made_by="fake 05")
                 run_dir.write_jsonl(paths.metrics / "qualitative.jsonl", [{"fingerprint": cfg.fingerprint("eval")}])
         except HBError as exc:
             return runner.StageResult(stage, "failed", 0.0, None, None,
@@ -329,14 +333,14 @@ def adapter_with(w: World, **changes: object) -> Path:
     adapter = w.root / "foreign_adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
-    modeling.write_adapter_meta(other, adapter)
+    loading.write_adapter_meta(other, adapter)
     return adapter
 
 
 def tokenizer_check(w: World, cfg: ExperimentConfig, questions: list[str]) -> tuple[int, str]:
-    from hb_utils.tokenizer import load_tokenizer
+    from hb_utils.model.source import load_tokenizer
 
-    return call(lambda: modeling.check_prompt_fits(cfg, load_tokenizer(cfg.model_name), questions))
+    return call(lambda: loading.check_prompt_fits(cfg, load_tokenizer(cfg.model_name), questions))
 
 
 def compare_run(w: World, name: str, **eval_changes: object) -> Path:
@@ -379,10 +383,10 @@ CASES = [
          (rf"moved the previous run aside: .*{re.escape(REPLACED)}-2\n",), setup=setup_taken_name,
          may_change=("outputs/smoke", f"outputs/{REPLACED}-2"), check=check_overwrite_moved, item="1"),
     Case("notebook-alone-claims-only-its-run-dir",
-         lambda w: call(lambda: data.prepare_splits(w.cfg(output_root=str(w.decoy), experiment="photos"))), 2,
+         lambda w: call(lambda: medquad.prepare_splits(w.cfg(output_root=str(w.decoy), experiment="photos"))), 2,
          (r"photos exists and was not made by this kit",), item="1"),
     Case("notebook-alone-writes-splits-into-a-marked-run-dir",
-         lambda w: call(lambda: data.prepare_splits(w.cfg())), 0, (), may_change=RUN,
+         lambda w: call(lambda: medquad.prepare_splits(w.cfg())), 0, (), may_change=RUN,
          check=lambda w: (w.run() / run_dir.MARKER).is_file() and (w.run() / "data" / "train.jsonl").is_file(), item="1"),
     Case("compare-out-is-home", lambda w: hb("compare", w.out / "a", w.out / "b", "--out", "~"), 2,
          (r"--out '~' is your home directory", r"--out outputs/compare"),
@@ -432,7 +436,7 @@ CASES = [
     Case("train-change-refused", lambda w: run_base(w, *p("lora_r", 16), "--only", "04"), 2,
          (r"changed: lora_r: 8 -> 16",), setup=finished, item="3"),
     Case("04-run-directly-keeps-old-metrics-aside",
-         lambda w: call(lambda: eval_reruns.record_eval_rerun(w.cfg(eval_size=3), "04_evaluate", made_by="04 directly")), 0,
+         lambda w: call(lambda: reruns.record_eval_rerun(w.cfg(eval_size=3), "04_evaluate", made_by="04 directly")), 0,
          (r"\[04_evaluate\] eval parameters differ from config.json \(eval_size: 8 -> 3\)",
           r"kept in metrics/previous/", r"config.json now records this config"),
          setup=finished, may_change=RUN, check=check_direct_04, item="3"),
@@ -473,7 +477,7 @@ CASES = [
     Case("blank-prompt", lambda w: run_base(w, "-y", "prompts: ['ok?', '  ']"), 2,
          (r"prompts holds 1 empty or blank prompt", r"positions \[1\]"), item="should"),
     Case("adapter-of-another-config-names-parameters",
-         lambda w: call(lambda: modeling.check_adapter(w.cfg(), adapter_with(w, lora_r=16))), 2,
+         lambda w: call(lambda: loading.check_adapter(w.cfg(), adapter_with(w, lora_r=16))), 2,
          (r"another train config \(lora_r: 16 -> 8\)", r"retrain"), may_change=("foreign_adapter",), item="should"),
     Case("compare-missing-folder", lambda w: hb("compare", w.out / "nope", w.out / "nope2"), 2,
          (r"nope does not exist", r"hb run"), item="should"),
@@ -525,27 +529,27 @@ CASES = [
     # ---- already behaved: data
     Case("missing-data-path", lambda w: run_base(w, *p("dataset", w.data / "nope")), 2,
          (r"Data source '.*nope' does not exist", r"Set dataset to a MedQuAD XML release folder")),
-    Case("corrupt-xml-named", lambda w: call(lambda: data.load_raw(str(w.data / "release"))), 2,
+    Case("corrupt-xml-named", lambda w: call(lambda: medquad.load_raw(str(w.data / "release"))), 2,
          (r"0000003.xml is not well-formed XML", r"Fix or remove the file"),
          setup=lambda w: (w.data / "release" / "2_FakeGard_QA" / "0000003.xml").write_text("<Document><QAPairs>")),
-    Case("folder-without-xml", lambda w: call(lambda: data.load_raw(str(w.decoy))), 2,
+    Case("folder-without-xml", lambda w: call(lambda: medquad.load_raw(str(w.decoy))), 2,
          (r"decoy holds no \*/\*.xml files", r"Point `dataset` at the MedQuAD release folder")),
-    Case("table-without-answer-column", lambda w: call(lambda: data.load_raw(str(w.data / "q.csv"))), 2,
+    Case("table-without-answer-column", lambda w: call(lambda: medquad.load_raw(str(w.data / "q.csv"))), 2,
          (r"q.csv has no answer column", r"needs 'question' and 'answer' columns"), files={"data/q.csv": "question\nWhat?\n"}),
-    Case("unsupported-file-type", lambda w: call(lambda: data.load_raw(str(w.decoy / "notes.txt"))), 2,
+    Case("unsupported-file-type", lambda w: call(lambda: medquad.load_raw(str(w.decoy / "notes.txt"))), 2,
          (r"Unsupported data file 'notes.txt'",)),
     Case("empty-after-filtering", lambda w: run_base(w, *p("min_answer_chars", 100000), "--only", "02"), 1,
          (r"Only 0 pairs are left after filtering", r"Loosen min_question_chars"), may_change=RUN),
     Case("splits-of-another-data-config",
-         lambda w: call(lambda: data.prepare_splits(w.cfg(sample_size=15))), 2,
+         lambda w: call(lambda: medquad.prepare_splits(w.cfg(sample_size=15))), 2,
          (r"was made by another data config \(sample_size: 20 -> 15\)", r"new `experiment` name"),
-         setup=lambda w: data.prepare_splits(w.cfg())),
+         setup=lambda w: medquad.prepare_splits(w.cfg())),
     # ---- already behaved: models and adapters
     Case("model-dir-missing", lambda w: run_base(w, *p("model_name", w.root / "no_model")), 2,
          (r"model_name='.*no_model' looks like a local path", r"offline alias 'smollm2-135m-instruct'")),
-    Case("adapter-missing", lambda w: call(lambda: modeling.check_adapter(w.cfg(), w.root / "no_adapter")), 2,
+    Case("adapter-missing", lambda w: call(lambda: loading.check_adapter(w.cfg(), w.root / "no_adapter")), 2,
          (r"No trained LoRA adapter at .*no_adapter", r"03_train_qlora")),
-    Case("adapter-of-another-model", lambda w: call(lambda: modeling.check_adapter(
+    Case("adapter-of-another-model", lambda w: call(lambda: loading.check_adapter(
         w.cfg(), adapter_with(w, model_name="TinyLlama/TinyLlama-1.1B-Chat-v1.0"))), 2,
          (r"trained on model_name='TinyLlama/TinyLlama-1.1B-Chat-v1.0'", r"Set model_name to"),
          may_change=("foreign_adapter",)),
@@ -664,7 +668,8 @@ import signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's Ctrl-C, even when started in the background
 sys.path.insert(0, {root!r})
 from pathlib import Path
-from hb_utils import cli, runner
+from hb_utils import cli
+from hb_utils.runs import runner
 from tests.test_runner import fixture_notebook
 nbs = Path({nbs!r}); nbs.mkdir()
 fixture_notebook(nbs / "01_a.ipynb", "print('a')")
@@ -706,7 +711,7 @@ def evaluable_run(tmp_path_factory) -> tuple[Path, dict]:
     minutes of training."""
     from peft import get_peft_model
 
-    from hb_utils.tokenizer import load_tokenizer
+    from hb_utils.model.source import load_tokenizer
 
     root = tmp_path_factory.mktemp("evaluable")
     params = {**BASE, "dataset": str(write_release(root / "release", n_docs=30)), "output_root": str(root / "outputs"),
@@ -718,10 +723,10 @@ def evaluable_run(tmp_path_factory) -> tuple[Path, dict]:
     for stage in ("01_eda", "02_format_split", "04_evaluate", "05_qualitative"):
         fake_stage(world)(stage, cfg, run_dir.RunPaths.for_config(cfg).reports)
     paths = run_dir.RunPaths.for_config(cfg)
-    model = get_peft_model(modeling.load_base_model(cfg, for_training=True), modeling.lora_config(cfg))
+    model = get_peft_model(loading.load_base_model(cfg, for_training=True), loading.lora_config(cfg))
     model.save_pretrained(paths.adapter)
     load_tokenizer(cfg.model_name).save_pretrained(paths.adapter)
-    modeling.write_adapter_meta(cfg, paths.adapter)
+    loading.write_adapter_meta(cfg, paths.adapter)
     run_dir.write_json(paths.metrics / "train.json", {"stamp": run_dir.stamp(cfg, "train", "test")})
     for stage in runner.STAGES:
         state.set_stage(stage, {"status": "done"})

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from hb_utils import chat, export
+from hb_utils import chat
 from hb_utils.errors import ModelError, RunError
-from hb_utils.generation import generate_answers
+from hb_utils.export import merge
+from hb_utils.model.generation import generate_answers
 from hb_utils.run_dir import RunPaths, read_json, write_json
 from tests.conftest_chat import make_tiny_run, tiny_run, trained_smoke_run  # noqa: F401 (fixtures)
 
@@ -144,7 +145,7 @@ def test_sampling_settings_come_from_the_run(tiny_run: Path):  # noqa: F811
 
 
 def test_chat_with_the_exported_merged_model(tiny_run: Path):  # noqa: F811
-    export.export_run(tiny_run, log=lambda *_: None)  # reused when test_export made it already
+    merge.export_run(tiny_run, log=lambda *_: None)  # reused when test_export made it already
     merged = tiny_run / "export" / "merged"
     cm = chat.load_chat_model(merged)
     assert cm.kind == "merged" and not cm.has_base

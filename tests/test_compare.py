@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from hb_utils import cli, compare, run_dir
+from hb_utils import cli, run_dir
 from hb_utils.config import load_config
 from hb_utils.errors import RunError
+from hb_utils.runs import compare
 
 
 def ci(v, w=0.05):

@@ -10,7 +10,7 @@ from hb_utils.config import (
     ExperimentConfig,
     load_config,
 )
-from hb_utils.notebook import config_from_namespace, parameters_cell_source
+from hb_utils.runs.notebook import config_from_namespace, parameters_cell_source
 from tests.conftest import ROOT
 
 

@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hb_utils import data, eda, split
 from hb_utils.config import load_config
+from hb_utils.data import eda, medquad, split
 from hb_utils.errors import DataError, RunError
 from hb_utils.run_dir import RunPaths
 from tests.conftest import ROOT
@@ -20,8 +20,8 @@ def cfg_for(source, tmp_path, **kw):
 
 
 def test_xml_release_parses_all_columns(release):
-    df, info = data.load_raw(str(release))
-    assert list(df.columns) == data.COLUMNS
+    df, info = medquad.load_raw(str(release))
+    assert list(df.columns) == medquad.COLUMNS
     assert info["kind"] == "xml_release" and info["rows"] == 48 and info["answered"] == 36
     row = df.iloc[0]
     assert row["document_source"] in ("FakeGov", "FakeGard") and row["umls_cui"].startswith("C000")
@@ -29,9 +29,9 @@ def test_xml_release_parses_all_columns(release):
 
 
 def test_cleaning_strips_html_and_counts_each_filter(release, tmp_path):
-    df, _ = data.load_raw(str(release))
+    df, _ = medquad.load_raw(str(release))
     cfg = cfg_for(release, tmp_path, max_answer_words=12)
-    clean, funnel = data.clean_and_filter(df, cfg)
+    clean, funnel = medquad.clean_and_filter(df, cfg)
     assert not clean["answer"].str.contains("<b>").any() and not clean["answer"].str.contains("  ").any()
     steps = {s["step"]: s for s in funnel}
     assert steps["answer present"]["removed"] == 12
@@ -43,8 +43,8 @@ def test_cleaning_strips_html_and_counts_each_filter(release, tmp_path):
 @pytest.mark.parametrize("split_by", ["question", "focus"])
 def test_grouped_split_has_no_leakage_and_is_deterministic(release, tmp_path, split_by):
     cfg = cfg_for(release, tmp_path, split_by=split_by, sample_size=36, train_frac=0.6, val_frac=0.2, test_frac=0.2)
-    a = data.prepare_splits(cfg, write=False)
-    b = data.prepare_splits(cfg, write=False)
+    a = medquad.prepare_splits(cfg, write=False)
+    b = medquad.prepare_splits(cfg, write=False)
     assert a.records == b.records
     leak = a.stats["split"]["leakage"]
     assert set(leak) == {f"{s}_{k}_in_train" for s in ("val", "test")
@@ -68,7 +68,7 @@ def words(tag, n):
 
 
 def jaccard5(a, b):
-    """Word 5-gram Jaccard, written out here (independently of hb_utils.data) to document the plants."""
+    """Word 5-gram Jaccard, written out here (independently of hb_utils.data.medquad) to document the plants."""
     grams = [{tuple(t.lower().split()[i:i + 5]) for i in range(len(t.split()) - 4)} for t in (a, b)]
     return len(grams[0] & grams[1]) / len(grams[0] | grams[1])
 
@@ -174,7 +174,7 @@ def test_planted_duplicates_never_cross_splits(tmp_path, split_by):
     row_leaks = 0
     for seed in range(6):
         cfg = base.replace(split_seed=seed, sample_seed=seed)
-        prepared = data.prepare_splits(cfg, write=False)
+        prepared = medquad.prepare_splits(cfg, write=False)
         where = {q: name for name, frame in prepared.frames.items() for q in frame["question_id"]}
         for rows in PLANTED_GROUPS:
             assert len({where[f"q{i}"] for i in rows}) == 1, (seed, rows)
@@ -208,56 +208,56 @@ def test_one_boilerplate_group_too_big_for_any_split_says_so(tmp_path):
     df.to_json(tmp_path / "boiler.jsonl", orient="records", lines=True)
     cfg = cfg_for(tmp_path / "boiler.jsonl", tmp_path, sample_size=10)
     with pytest.raises(DataError, match="val split is empty.*1 groups.*largest has 10 pairs.*Raise sample_size"):
-        data.prepare_splits(cfg, write=False)
-    assert data.prepare_splits(cfg.replace(split_by="row"), write=False).stats["split"]["sizes"]["test"] == 1
+        medquad.prepare_splits(cfg, write=False)
+    assert medquad.prepare_splits(cfg.replace(split_by="row"), write=False).stats["split"]["sizes"]["test"] == 1
 
 
 def test_row_split_reports_the_leakage_it_leaves(release, tmp_path):
     # Every 5th synthetic document repeats the previous one's questions: a row split leaks some of them.
     cfg = cfg_for(release, tmp_path, split_by="row", sample_size=36, train_frac=0.5, val_frac=0.25, test_frac=0.25)
-    leaks = [data.prepare_splits(cfg.replace(split_seed=s), write=False).stats["split"]["leakage"] for s in range(8)]
+    leaks = [medquad.prepare_splits(cfg.replace(split_seed=s), write=False).stats["split"]["leakage"] for s in range(8)]
     assert any(sum(leak.values()) > 0 for leak in leaks)
-    st = data.prepare_splits(cfg, write=False).stats["split"]
+    st = medquad.prepare_splits(cfg, write=False).stats["split"]
     assert st["sizes"] == {"train": 18, "val": 9, "test": 9}
     assert st["leakage"] == st["leakage_if_split_by_row"]
 
 
 def test_records_are_chat_messages(release, tmp_path):
     cfg = cfg_for(release, tmp_path)
-    rec = data.prepare_splits(cfg, write=False).records["train"][0]
+    rec = medquad.prepare_splits(cfg, write=False).records["train"][0]
     roles = [m["role"] for m in rec["messages"]]
     assert roles == ["system", "user", "assistant"]
     assert rec["messages"][0]["content"] == cfg.system_prompt
     assert rec["messages"][1]["content"] == rec["question"] and rec["messages"][2]["content"] == rec["answer"]
-    text = data.render_zephyr(rec["messages"])
+    text = medquad.render_zephyr(rec["messages"])
     assert text.startswith("<|system|>\n") and f"<|assistant|>\n{rec['answer']}</s>\n" in text
 
 
 def test_written_files_carry_the_fingerprint_and_are_reused(release, tmp_path):
     cfg = cfg_for(release, tmp_path)
-    prepared = data.prepare_splits(cfg)
+    prepared = medquad.prepare_splits(cfg)
     run = RunPaths.for_config(cfg)
     stats = json.loads(run.data_stats.read_text())
     assert stats["stamp"]["fingerprints"] == {"data": cfg.fingerprint("data")}
     assert stats["stamp"]["params"]["sample_size"] == cfg.sample_size and stats["stamp"]["created"].endswith("+00:00")
     lines = run.split("train").read_text().splitlines()
     assert len(lines) == stats["split"]["sizes"]["train"] == len(prepared.records["train"])
-    assert data.splits_are_current(cfg)
-    assert data.ensure_splits(cfg) == prepared.records
+    assert medquad.splits_are_current(cfg)
+    assert medquad.ensure_splits(cfg) == prepared.records
     run.split("val").unlink()  # a missing cheap artifact is rebuilt
-    assert data.load_split(cfg, "val") == prepared.records["val"]
+    assert medquad.load_split(cfg, "val") == prepared.records["val"]
 
 
 def test_a_different_data_config_never_overwrites_silently(release, tmp_path):
     cfg = cfg_for(release, tmp_path)
-    data.prepare_splits(cfg)
+    medquad.prepare_splits(cfg)
     before = RunPaths.for_config(cfg).split("train").read_text()
     other = cfg.replace(sample_seed=7)
     with pytest.raises(RunError, match=r"another data config \(sample_seed: 42 -> 7\).*new `experiment` name"):
-        data.prepare_splits(other)
+        medquad.prepare_splits(other)
     assert RunPaths.for_config(cfg).split("train").read_text() == before
-    data.prepare_splits(other.replace(overwrite=True))
-    assert data.splits_are_current(other)
+    medquad.prepare_splits(other.replace(overwrite=True))
+    assert medquad.splits_are_current(other)
 
 
 def test_jsonl_and_csv_sources(tmp_path):
@@ -266,27 +266,27 @@ def test_jsonl_and_csv_sources(tmp_path):
     pd.DataFrame(rows).to_json(tmp_path / "d.jsonl", orient="records", lines=True)
     pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
     for name in ("d.jsonl", "d.csv"):
-        df, info = data.load_raw(str(tmp_path / name))
-        assert info["kind"] == "file" and len(df) == 12 and list(df.columns) == data.COLUMNS
+        df, info = medquad.load_raw(str(tmp_path / name))
+        assert info["kind"] == "file" and len(df) == 12 and list(df.columns) == medquad.COLUMNS
         assert df["question_id"].is_unique
 
 
 def test_bad_sources_give_clear_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
-        data.load_raw(str(tmp_path / "missing_dir"))
+        medquad.load_raw(str(tmp_path / "missing_dir"))
     pd.DataFrame({"q": ["a"], "text": ["b"]}).to_csv(tmp_path / "x.csv", index=False)
     with pytest.raises(DataError, match="no question / answer column.*columns found: q, text"):
-        data.load_raw(str(tmp_path / "x.csv"))
+        medquad.load_raw(str(tmp_path / "x.csv"))
     (tmp_path / "rel" / "1_X_QA").mkdir(parents=True)
     (tmp_path / "rel" / "1_X_QA" / "0000001.xml").write_text("<Document><QAPairs><QAPair></Document>")
     with pytest.raises(DataError, match="not well-formed XML"):
-        data.load_raw(str(tmp_path / "rel"))
+        medquad.load_raw(str(tmp_path / "rel"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no \\*/\\*.xml files"):
-        data.load_raw(str(tmp_path / "empty"))
+        medquad.load_raw(str(tmp_path / "empty"))
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(DataError, match="Unsupported data file"):
-        data.load_raw(str(tmp_path / "x.txt"))
+        medquad.load_raw(str(tmp_path / "x.txt"))
 
 
 def test_hub_errors_are_wrapped(monkeypatch):
@@ -297,21 +297,21 @@ def test_hub_errors_are_wrapped(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", boom)
     with pytest.raises(DataError, match="Cannot load the Hub dataset 'some/dataset'.*Offline"):
-        data.load_raw("some/dataset")
+        medquad.load_raw("some/dataset")
 
 
 def test_filters_that_leave_too_little(release, tmp_path):
     cfg = cfg_for(release, tmp_path, min_answer_chars=10_000)
     with pytest.raises(DataError, match="Only 0 pairs are left after filtering.*min_answer_chars"):
-        data.prepare_splits(cfg, write=False)
+        medquad.prepare_splits(cfg, write=False)
     big = cfg_for(release, tmp_path, sample_size=500)
     with pytest.warns(UserWarning, match="only 36 pairs pass the filters"):
-        stats = data.prepare_splits(big, write=False).stats
+        stats = medquad.prepare_splits(big, write=False).stats
     assert stats["sample"] == {"requested": 500, "drawn": 36, "reduced": True, "available": 36}
 
 
 def test_eda_tables(release):
-    df, _ = data.load_raw(str(release))
+    df, _ = medquad.load_raw(str(release))
     src = eda.per_source(df)
     assert src["pairs"].sum() == 48 and src["answered"].sum() == 36
     dups = eda.duplicate_questions(df)
@@ -324,22 +324,22 @@ def test_full_medquad_release(medquad):
     import time
 
     t = time.perf_counter()
-    df, info = data.load_raw(str(medquad))
+    df, info = medquad.load_raw(str(medquad))
     elapsed = time.perf_counter() - t
     assert len(df) == 47_441 and info["answered"] == 16_407
     assert df["document_source"].nunique() == 12
     assert elapsed < 30, f"parsing took {elapsed:.1f}s"
     cfg = load_config(dataset=str(medquad))
-    clean, funnel = data.clean_and_filter(df, cfg)
+    clean, funnel = medquad.clean_and_filter(df, cfg)
     assert 13_000 < len(clean) < 14_000
     for split_by in ("question", "focus"):
-        st = data.prepare_splits(cfg.replace(split_by=split_by), write=False, raw=df, raw_info=info).stats
+        st = medquad.prepare_splits(cfg.replace(split_by=split_by), write=False, raw=df, raw_info=info).stats
         assert not any(st["split"]["leakage"].values()), st["split"]["leakage"]
         assert st["sample"]["drawn"] == 1500
 
 
 def _own_words(text):
-    """This test's own normalisation (not hb_utils.data's): lowercase, runs of non-alphanumerics → one space."""
+    """This test's own normalisation (not hb_utils.data.medquad's): lowercase, runs of non-alphanumerics → one space."""
     return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
 
 
@@ -362,10 +362,10 @@ def _own_overlap(held_out, train):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_experiment1_split_leaks_no_answer_by_an_independent_check(medquad):
-    df, info = data.load_raw(str(medquad))
+    df, info = medquad.load_raw(str(medquad))
     cfg = load_config(ROOT / "params" / "exp1.yaml", dataset=str(medquad))
     for split_by in ("question", "focus", "row"):
-        frames = data.prepare_splits(cfg.replace(split_by=split_by), write=False, raw=df, raw_info=info).frames
+        frames = medquad.prepare_splits(cfg.replace(split_by=split_by), write=False, raw=df, raw_info=info).frames
         assert {k: len(v) for k, v in frames.items()} == {"train": 1200, "val": 150, "test": 150}
         overlap = {name: _own_overlap(frames[name]["answer"], frames["train"]["answer"]) for name in ("val", "test")}
         if split_by == "row":  # the check can see leakage: the original split has some

@@ -1,4 +1,4 @@
-"""Multi-process stage 03 (hb_utils.distributed): checks before launching, the command, failures, multi-node
+"""Multi-process stage 03 (hb_utils.train.distributed): checks before launching, the command, failures, multi-node
 configs; and, marked slow, real 2-process DDP runs on CPU (gloo) with SmolLM2 on tiny synthetic data."""
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hb_utils import distributed, modeling, run_dir, training
+from hb_utils import run_dir
 from hb_utils.config import FIELDS, load_config
 from hb_utils.errors import ConfigError, RunError
+from hb_utils.model import loading
 from hb_utils.run_dir import RunPaths, read_json, write_json
+from hb_utils.train import distributed, multinode, training
 from tests.test_training import small_cfg
 
 
@@ -41,7 +43,7 @@ def test_too_many_processes_are_refused_before_launching(tmp_path, monkeypatch):
     cfg = small_cfg(tmp_path, num_processes=4)
     monkeypatch.delenv(distributed.ENV_OVERSUBSCRIBE, raising=False)
     monkeypatch.setattr(distributed, "available_devices", lambda: ("cpu", 2))
-    monkeypatch.setattr(modeling, "load_base_model", lambda *a, **k: pytest.fail("no model before the check"))
+    monkeypatch.setattr(loading, "load_base_model", lambda *a, **k: pytest.fail("no model before the check"))
     with pytest.raises(ConfigError, match=r"needs 4 CPU cores.*has 2.*at most 2.*HB_ALLOW_CPU_OVERSUBSCRIBE=1"):
         training.prepare(cfg)
     monkeypatch.setenv(distributed.ENV_OVERSUBSCRIBE, "1")
@@ -62,7 +64,7 @@ def test_launch_command_uses_accelerates_torchrun_path(tmp_path):
     assert "--multi_gpu" in cmd and "--cpu" not in cmd  # --cpu would pick accelerate's one-process launcher
     assert "--num_processes 2" in text and "--main_process_port 12345" in text
     assert "--num_cpu_threads_per_process 1" in text
-    assert cmd[-3:] == ["-m", "hb_utils.train_worker", str(tmp_path / "spec.json")]
+    assert cmd[-3:] == ["-m", "hb_utils.train.worker", str(tmp_path / "spec.json")]
     fsdp = distributed.launch_command(cfg.replace(accelerate_config="accelerate/fsdp_qlora.yaml"),
                                       tmp_path / "spec.json", kind="gpu", port=1)
     assert "--config_file" in fsdp and "--multi_gpu" not in fsdp and "--num_cpu_threads_per_process" not in fsdp
@@ -111,7 +113,7 @@ def test_a_rank_that_dies_before_the_worker_starts_shows_its_traceback(tmp_path)
 
 def test_multinode_writes_one_accelerate_config_per_machine(tmp_path):
     cfg = small_cfg(tmp_path, num_processes=4)
-    commands = distributed.write_multinode(cfg, num_machines=2, main_process_ip="10.0.0.1", main_process_port=29600,
+    commands = multinode.write_multinode(cfg, num_machines=2, main_process_ip="10.0.0.1", main_process_port=29600,
                                            out_dir=tmp_path / "mn")
     assert len(commands) == 2
     for machine, command in enumerate(commands):
@@ -119,24 +121,24 @@ def test_multinode_writes_one_accelerate_config_per_machine(tmp_path):
         assert conf["machine_rank"] == machine and conf["num_machines"] == 2 and conf["num_processes"] == 4
         assert conf["main_process_ip"] == "10.0.0.1" and conf["main_process_port"] == 29600
         assert conf["distributed_type"] == "MULTI_GPU"
-        assert f"accelerate_machine{machine}.yaml -m hb_utils.train_worker" in command
+        assert f"accelerate_machine{machine}.yaml -m hb_utils.train.worker" in command
     assert read_json(tmp_path / "mn" / "spec.json")["config"]["num_processes"] == 4
     fsdp = cfg.replace(accelerate_config="accelerate/fsdp_qlora.yaml")
-    distributed.write_multinode(fsdp, num_machines=2, main_process_ip="h0", out_dir=tmp_path / "f")
+    multinode.write_multinode(fsdp, num_machines=2, main_process_ip="h0", out_dir=tmp_path / "f")
     conf = yaml.safe_load((tmp_path / "f" / "accelerate_machine1.yaml").read_text())
     assert conf["distributed_type"] == "FSDP" and conf["machine_rank"] == 1 and conf["fsdp_config"]
     with pytest.raises(ConfigError, match="multiple of num_machines"):
-        distributed.write_multinode(cfg.replace(num_processes=3), num_machines=2, main_process_ip="h0")
+        multinode.write_multinode(cfg.replace(num_processes=3), num_machines=2, main_process_ip="h0")
 
 
 def test_multinode_cli_prints_each_machines_command(tmp_path, capsys):
     params = tmp_path / "p.yaml"
     cfg = small_cfg(tmp_path, num_processes=2)
     params.write_text(yaml.safe_dump({k: v for k, v in cfg.to_dict().items()}))
-    assert distributed.main([str(params), "--num-machines", "2", "--main-ip", "10.1.2.3"]) == 0
+    assert multinode.main([str(params), "--num-machines", "2", "--main-ip", "10.1.2.3"]) == 0
     out = capsys.readouterr().out
     assert out.count("accelerate launch --config_file") == 2 and "# machine 1" in out
-    assert distributed.main([str(params), "--num-machines", "2", "--main-ip", "h", "-p", "num_processes", "3"]) == 2
+    assert multinode.main([str(params), "--num-machines", "2", "--main-ip", "h", "-p", "num_processes", "3"]) == 2
 
 
 def test_fsdp_example_keeps_the_4bit_storage_in_the_compute_dtype(monkeypatch, tmp_path):
@@ -145,9 +147,9 @@ def test_fsdp_example_keeps_the_4bit_storage_in_the_compute_dtype(monkeypatch, t
     conf = yaml.safe_load((Path(run_dir.repo_root()) / "accelerate" / "fsdp_qlora.yaml").read_text())
     assert conf["distributed_type"] == "FSDP" and conf["fsdp_config"]["fsdp_cpu_ram_efficient_loading"]
     cfg = small_cfg(tmp_path, compute_dtype="bf16")
-    assert modeling.quantization_config(cfg).bnb_4bit_quant_storage == torch.uint8  # bitsandbytes' default
+    assert loading.quantization_config(cfg).bnb_4bit_quant_storage == torch.uint8  # bitsandbytes' default
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch sets for an FSDP config
-    assert modeling.quantization_config(cfg).bnb_4bit_quant_storage == torch.bfloat16
+    assert loading.quantization_config(cfg).bnb_4bit_quant_storage == torch.bfloat16
     example = load_config(Path(run_dir.repo_root()) / "params" / "exp1_fsdp_qlora.yaml")
     assert training.effective_batch(example) == 8 == training.effective_batch(load_config())  # Experiment 1's 8
     assert example.accelerate_config == "accelerate/fsdp_qlora.yaml" and example.num_processes == 2
@@ -157,7 +159,8 @@ def test_fsdp_example_keeps_the_4bit_storage_in_the_compute_dtype(monkeypatch, t
 RECORDER = textwrap.dedent("""\
     # A rank that records the training examples it collates (test instrumentation around the real worker).
     import json, os, sys
-    from hb_utils import train_worker, distributed
+    from hb_utils.train import worker
+    from hb_utils.train import distributed
 
     def setup(run):
         out = os.environ["HB_TEST_SEEN"]
@@ -178,14 +181,15 @@ RECORDER = textwrap.dedent("""\
                 trainer.data_collator = collate
         trainer.get_train_dataloader = recording_train_loader
 
-    train_worker.main(setup=setup)
+    worker.main(setup=setup)
 """)
 
 KILLER = textwrap.dedent("""\
     # Rank 1 dies (SIGKILL) at the end of step 3: after the allreduce of step 3, so rank 0 finished checkpoint-2.
     import os, signal
     from transformers import TrainerCallback
-    from hb_utils import train_worker, distributed
+    from hb_utils.train import worker
+    from hb_utils.train import distributed
 
     class Die(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -193,7 +197,7 @@ KILLER = textwrap.dedent("""\
                 print("rank 1 about to die", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    train_worker.main(callbacks=[Die()])
+    worker.main(callbacks=[Die()])
 """)
 
 
@@ -233,7 +237,7 @@ def test_two_processes_see_each_example_once_match_one_process_and_only_rank0_wr
     ddp = exact_cfg(tmp_path / "ddp", num_processes=2, grad_accum=1)
     run = training.prepare(ddp)
     capsys.readouterr()  # drop the one-process run's lines
-    metrics = distributed.launch(run, worker=str(script))
+    metrics = distributed.launch(run.cfg, run.resume_from, worker=str(script))
     out = capsys.readouterr().out
     assert metrics["num_processes"] == 2 and metrics["effective_batch_size"] == 4 and metrics["global_step"] == 2
     assert re.findall(r"\[train\] step (\d)/2", out) == ["1", "2"]  # one compact line per log step, rank 0 only
@@ -267,7 +271,8 @@ def test_a_killed_rank_stops_the_run_clearly_and_the_rerun_resumes(tmp_path, two
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
     with pytest.raises(RunError) as info:
-        distributed.launch(training.prepare(cfg), worker=str(script))
+        run = training.prepare(cfg)
+        distributed.launch(run.cfg, run.resume_from, worker=str(script))
     msg = str(info.value)
     assert "rank 1 of 2" in msg and "signal 9" in msg and "rank 1 about to die" in msg
     assert "rerun with the same config (num_processes=2)" in msg

@@ -1,4 +1,4 @@
-"""hb_utils.dequantized_weights: a kept dequantized weight gives bit-identical outputs and input gradients,
+"""hb_utils.model.dequantized_weights: a kept dequantized weight gives bit-identical outputs and input gradients,
 and only while frozen."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hb_utils import dequantized_weights as D
+from hb_utils.model import dequantized_weights as D
 
 bnb = pytest.importorskip("bitsandbytes")
 

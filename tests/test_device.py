@@ -1,12 +1,12 @@
-"""The machine record and the dtype policy (hb_utils.device)."""
+"""The machine record and the dtype policy (hb_utils.model.device)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hb_utils import device as M
 from hb_utils.errors import ConfigError
+from hb_utils.model import device as M
 
 
 def test_resolve_compute_dtype_policy(monkeypatch):

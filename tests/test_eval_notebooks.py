@@ -1,4 +1,4 @@
-"""Stages 04/05: the glue in hb_utils.evaluation (fast) and papermill runs of both notebooks on the
+"""Stages 04/05: the glue in hb_utils.evaluate.evaluation (fast) and papermill runs of both notebooks on the
 smoke run's adapter (slow), with ROUGE-L recomputed independently from predictions.jsonl."""
 
 from __future__ import annotations
@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from rouge_score import rouge_scorer
 
-from hb_utils import evaluation, qualitative, run_dir
+from hb_utils import run_dir
 from hb_utils.config import load_config
 from hb_utils.errors import ConfigError, ModelError
-from hb_utils.generation import GenResult
+from hb_utils.evaluate import evaluation, qualitative
+from hb_utils.model.generation import GenResult
 from hb_utils.run_dir import RunPaths, read_json, read_jsonl
 from tests.conftest import ROOT
 from tests.test_notebooks import error_outputs, run_notebook

@@ -1,4 +1,4 @@
-"""hb_utils.export / gguf_export / model_card: merged model, both merge modes measured, GGUF round trip, refusals.
+"""hb_utils.export.merge / gguf_export / model_card: merged model, both merge modes measured, GGUF round trip, refusals.
 
 Fast tests run the whole export on a tiny random Llama with a random adapter (tests/conftest_chat.py);
 the slow ones export the session's trained smoke adapter on the real SmolLM2.
@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from hb_utils import export, gguf_export, modeling, run_dir
+from hb_utils import run_dir
 from hb_utils.errors import ModelError, RunError
+from hb_utils.export import gguf_file, merge
+from hb_utils.model import loading
 from hb_utils.run_dir import RunPaths, read_json, write_json
 from tests.conftest_chat import make_tiny_run, tiny_run, trained_smoke_run  # noqa: F401 (fixtures)
 
@@ -23,7 +25,7 @@ from tests.conftest_chat import make_tiny_run, tiny_run, trained_smoke_run  # no
 @pytest.fixture(scope="module")
 def tiny_export(tiny_run: Path) -> dict:  # noqa: F811
     """The tiny run exported once (merged + GGUF f16) for the fast tests of this module."""
-    return export.export_run(tiny_run, gguf="f16", log=lambda *_: None)
+    return merge.export_run(tiny_run, gguf="f16", log=lambda *_: None)
 
 
 def _merged(run: Path) -> Path:
@@ -45,7 +47,7 @@ def test_merged_export_is_a_plain_transformers_model(tiny_run: Path, tiny_export
     eot = tok.convert_tokens_to_ids("<|im_end|>")
     assert tok.chat_template and model.generation_config.eos_token_id == eot and model.config.eos_token_id == eot
     assert tok.pad_token_id != eot
-    assert read_json(merged / export.EXPORT_CONFIG)["config"]["experiment"] == "tiny"
+    assert read_json(merged / merge.EXPORT_CONFIG)["config"]["experiment"] == "tiny"
 
 
 def test_both_merge_modes_are_measured_and_the_closer_one_is_saved(tiny_run: Path, tiny_export: dict):  # noqa: F811
@@ -63,12 +65,12 @@ def test_merged_model_reproduces_the_adapter_on_4bit(tiny_run: Path, tiny_export
     """Independent of the recorded numbers: reload both from disk and compare greedy answers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hb_utils.generation import generate_answers
+    from hb_utils.model.generation import generate_answers
 
-    cfg = export.run_config(tiny_run)
-    ref, tok = modeling.load_adapter_model(cfg, RunPaths.for_config(cfg).adapter)
+    cfg = merge.run_config(tiny_run)
+    ref, tok = loading.load_adapter_model(cfg, RunPaths.for_config(cfg).adapter)
     merged = AutoModelForCausalLM.from_pretrained(_merged(tiny_run), dtype=torch.float32)
-    qs = export.eval_questions(cfg)
+    qs = merge.eval_questions(cfg)
     kw = dict(max_new_tokens=8, progress=False, repetition_penalty=1.0)
     a = [r.text for r in generate_answers(ref, tok, qs, cfg.system_prompt, **kw)]
     b = [r.text for r in generate_answers(merged, AutoTokenizer.from_pretrained(_merged(tiny_run)), qs,
@@ -85,9 +87,10 @@ def test_model_card_has_licence_citation_caveat_config_and_measurement(tiny_run:
 
 
 def test_model_card_shows_eval_results_with_intervals(tiny_run: Path, tiny_export: dict, monkeypatch):  # noqa: F811
-    from hb_utils import evaluation, model_card
+    from hb_utils.evaluate import evaluation
+    from hb_utils.export import model_card
 
-    cfg = export.run_config(tiny_run)
+    cfg = merge.run_config(tiny_run)
     ci = {"value": 0.2, "ci_low": 0.1, "ci_high": 0.3}
     fake = {"stamp": run_dir.stamp(cfg, "eval", "test"), "settings": {"eval_examples": 3},
             "generation": {"rougeL": {"base": ci, "finetuned": ci, "delta": {"delta": 0.0, "ci_low": -0.1,
@@ -100,8 +103,8 @@ def test_model_card_shows_eval_results_with_intervals(tiny_run: Path, tiny_expor
     eval_path = RunPaths.for_config(cfg).metrics / "eval.json"
     write_json(eval_path, fake)
     try:
-        record = read_json(tiny_run / "export" / export.MARKER)
-        card = model_card.write_model_card(cfg, export.ExportPaths.for_config(cfg), record).read_text()
+        record = read_json(tiny_run / "export" / merge.MARKER)
+        card = model_card.write_model_card(cfg, merge.ExportPaths.for_config(cfg), record).read_text()
     finally:
         eval_path.unlink()
     assert "ROUGE-L" in card and "20.0 [10.0, 30.0]" in card and "9.50 [9.00, 10.00]" in card
@@ -141,26 +144,26 @@ def test_modelfile_template_renders_like_the_jinja_template(tiny_run: Path, tiny
 
 
 def test_gguf_q8_0_is_smaller_and_close(tiny_run: Path, tiny_export: dict):  # noqa: F811
-    cfg = export.run_config(tiny_run)
-    out = gguf_export.export_gguf(cfg, _merged(tiny_run), tiny_run / "export" / "gguf", "q8_0",
-                                  export.eval_questions(cfg), log=lambda *_: None)
+    cfg = merge.run_config(tiny_run)
+    out = gguf_file.export_gguf(cfg, _merged(tiny_run), tiny_run / "export" / "gguf", "q8_0",
+                                  merge.eval_questions(cfg), log=lambda *_: None)
     assert out["bytes"] < 0.65 * tiny_export["gguf"]["f16"]["bytes"]
     assert out["roundtrip"]["greedy_token_agreement"] > 0.5 and out["roundtrip"]["max_abs_dp"] < 0.5
 
 
 def test_reexport_of_the_same_adapter_reuses_the_merged_model(tiny_run: Path, tiny_export: dict):  # noqa: F811
     before = (_merged(tiny_run) / "model.safetensors").stat().st_mtime_ns
-    again = export.export_run(tiny_run, log=lambda *_: None)
+    again = merge.export_run(tiny_run, log=lambda *_: None)
     assert (_merged(tiny_run) / "model.safetensors").stat().st_mtime_ns == before
     assert again["merge_into"] == "dequantized"
 
 
 def test_compare_models_identity_and_reference_cache(tiny_run: Path):  # noqa: F811
-    from hb_utils.agreement import compare_models
+    from hb_utils.export.agreement import compare_models
 
-    cfg = export.run_config(tiny_run)
-    model, tok = modeling.load_adapter_model(cfg, RunPaths.for_config(cfg).adapter)
-    qs = export.eval_questions(cfg)[:2]
+    cfg = merge.run_config(tiny_run)
+    model, tok = loading.load_adapter_model(cfg, RunPaths.for_config(cfg).adapter)
+    qs = merge.eval_questions(cfg)[:2]
     cache: dict = {}
     same = compare_models(model, model, tok, qs, cfg.system_prompt, max_new_tokens=6, reference_cache=cache)
     assert same["greedy_token_agreement"] == 1.0 and same["max_abs_dp"] == 0.0 and same["same_answer_text"] == 1.0
@@ -175,24 +178,24 @@ def test_export_refuses_a_run_without_adapter(tmp_path: Path):
     cfg = make_tiny_run(tmp_path)
     shutil.rmtree(RunPaths.for_config(cfg).adapter)
     with pytest.raises(ModelError, match="No trained LoRA adapter"):
-        export.export_run(RunPaths.for_config(cfg).root)
+        merge.export_run(RunPaths.for_config(cfg).root)
 
 
 def test_export_refuses_a_folder_that_is_no_run(tmp_path: Path):
     with pytest.raises(RunError, match="not a run directory"):
-        export.export_run(tmp_path)
+        merge.export_run(tmp_path)
 
 
 def test_export_of_another_adapter_is_refused_then_moved_aside(tmp_path: Path):
     cfg = make_tiny_run(tmp_path)
-    paths = export.ExportPaths.for_config(cfg)
+    paths = merge.ExportPaths.for_config(cfg)
     paths.merged.mkdir(parents=True)
     (paths.merged / "model.safetensors").write_text("old")
     write_json(paths.marker, {"adapter": {"weights_sha256": "0" * 64, "fingerprint": "other"}})
-    identity = export.adapter_identity(RunPaths.for_config(cfg).adapter)
+    identity = merge.adapter_identity(RunPaths.for_config(cfg).adapter)
     with pytest.raises(RunError, match="another adapter.*--overwrite"):
-        export.claim_export_dir(paths, identity, overwrite=False)
-    assert export.claim_export_dir(paths, identity, overwrite=True) is None
+        merge.claim_export_dir(paths, identity, overwrite=False)
+    assert merge.claim_export_dir(paths, identity, overwrite=True) is None
     kept = list(paths.root.parent.glob("export.replaced-*"))
     assert len(kept) == 1 and (kept[0] / "merged" / "model.safetensors").read_text() == "old"
     assert not paths.root.exists()
@@ -201,9 +204,9 @@ def test_export_of_another_adapter_is_refused_then_moved_aside(tmp_path: Path):
 def test_export_refuses_when_the_disk_is_too_full(tmp_path: Path, monkeypatch):
     cfg = make_tiny_run(tmp_path)
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(export.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(merge.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(RunError, match="Not enough disk space"):
-        export.export_run(RunPaths.for_config(cfg).root, log=lambda *_: None)
+        merge.export_run(RunPaths.for_config(cfg).root, log=lambda *_: None)
     assert not (RunPaths.for_config(cfg).root / "export" / "merged").exists()
 
 
@@ -220,7 +223,7 @@ def test_smoke_export_merged_and_gguf_on_smollm2(trained_smoke_run: Path):  # no
     from transformers import AutoModelForCausalLM
 
     # the issue's command, `hb export outputs/smoke --gguf q8_0` (f16's bit-exact round trip: the tiny-model test)
-    record = export.export_run(trained_smoke_run, gguf="q8_0", log=print)
+    record = merge.export_run(trained_smoke_run, gguf="q8_0", log=print)
     m = read_json(trained_smoke_run / "export" / "merge_measurement.json")
     q8 = record["gguf"]["q8_0"]["roundtrip"]
     print(json.dumps(m["modes"], indent=1), json.dumps(q8, indent=1))

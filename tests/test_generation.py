@@ -1,4 +1,4 @@
-"""hb_utils.generation: chat prompts, left-padded batches, new tokens only, stopping, seeded sampling.
+"""hb_utils.model.generation: chat prompts, left-padded batches, new tokens only, stopping, seeded sampling.
 
 Fast tests run a tiny random Llama with the real SmolLM2 tokenizer (fixtures from test_modeling);
 the slow test checks batched == one-at-a-time greedy decoding on the real SmolLM2.
@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hb_utils import modeling as M
-from hb_utils import tokenizer as T
 from hb_utils.config import ExperimentConfig
-from hb_utils.generation import GenResult, _split_answer, build_prompt, generate_answers
+from hb_utils.model import loading as M
+from hb_utils.model.generation import GenResult, _split_answer, build_prompt, generate_answers
+from hb_utils.model.source import load_tokenizer
 from tests import test_modeling
 
 # Shared fixtures (the lead may move them into conftest.py).
@@ -30,7 +30,7 @@ def tiny(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    tok = T.load_tokenizer(str(tiny_model_dir))
+    tok = load_tokenizer(str(tiny_model_dir))
     M.align_generation_config(model, tok)
     return model, tok
 
@@ -104,7 +104,7 @@ def test_smollm2_batched_greedy_equals_one_at_a_time(smollm2_dir, tmp_path, load
     cfg = ExperimentConfig(model_name=M.SMOLLM2_ALIAS, output_root=str(tmp_path), compute_dtype="fp32",
                            load_in_4bit=load_in_4bit)
     model = M.load_base_model(cfg)
-    tok = T.load_tokenizer(cfg.model_name)
+    tok = load_tokenizer(cfg.model_name)
     questions = ["What is a fever?", "What causes high blood pressure?", "Is it safe to take ibuprofen daily?",
                  "What is 2+2? Answer with just the number."]
     # First the cause, directly: the next-token logits of a left-padded batch equal those of each prompt

@@ -1,4 +1,4 @@
-"""hb_utils.lora_dropout: FastDropout is inverted dropout with the configured p, and install() swaps PEFT's."""
+"""hb_utils.model.lora_dropout: FastDropout is inverted dropout with the configured p, and install() swaps PEFT's."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from hb_utils.config import ExperimentConfig
-from hb_utils.lora_dropout import FastDropout, install, lora_dropouts
+from hb_utils.model.lora_dropout import FastDropout, install, lora_dropouts
 
 N = 1 << 22  # 4M draws: the drop share's standard error is about 1e-4
 
@@ -67,7 +67,7 @@ def test_gradient_uses_the_forward_mask():
 
 def test_other_devices_use_torch_dropout(monkeypatch):
     calls = []
-    monkeypatch.setattr("hb_utils.lora_dropout.F.dropout", lambda x, p, training: calls.append((p, training)) or x)
+    monkeypatch.setattr("hb_utils.model.lora_dropout.F.dropout", lambda x, p, training: calls.append((p, training)) or x)
     x = torch.empty(4, 4, device="meta")
     assert FastDropout(0.05)(x) is x and calls == [(0.05, True)]
 

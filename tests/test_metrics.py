@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hb_utils import metrics as M
+from hb_utils.evaluate import metrics as M
 
 # rouge-score README example: score(target, prediction)
 TARGET = "The quick brown fox jumps over the lazy dog"

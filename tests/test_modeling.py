@@ -1,4 +1,4 @@
-"""hb_utils.modeling: 4-bit, LoRA, base and adapter loading, adapter checks (tokenizer: test_tokenizer.py;
+"""hb_utils.model.loading: 4-bit, LoRA, base and adapter loading, adapter checks (tokenizer: test_tokenizer.py;
 model sources: test_model_source.py; dtype policy: test_device.py).
 
 Fast tests use a tiny randomly initialised Llama saved with the real SmolLM2 tokenizer; tests that
@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from hb_utils import modeling as M
-from hb_utils import tokenizer as T
 from hb_utils.config import ExperimentConfig
 from hb_utils.errors import ConfigError, ModelError
-from hb_utils.model_source import SMOLLM2_ALIAS, resolve_model_path
+from hb_utils.model import loading as M
+from hb_utils.model import tokenizer as T
+from hb_utils.model.source import SMOLLM2_ALIAS, load_tokenizer, resolve_model_path
 
 HUB_ID = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
 
@@ -36,7 +36,7 @@ def smollm2_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_dir: Path):
-    return T.load_tokenizer(SMOLLM2_ALIAS)
+    return load_tokenizer(SMOLLM2_ALIAS)
 
 
 @pytest.fixture(scope="session")
@@ -94,7 +94,7 @@ def test_quantization_and_lora_config_follow_cfg():
 
 def test_load_base_model_aligns_generation_config(tiny_model_dir, tmp_path):
     model = M.load_base_model(tiny_cfg(tiny_model_dir, tmp_path))
-    tok = T.load_tokenizer(str(tiny_model_dir))
+    tok = load_tokenizer(str(tiny_model_dir))
     assert model.dtype == torch.float32 and not model.training
     assert model.generation_config.eos_token_id == T.stop_token_ids(tok)
     assert model.generation_config.pad_token_id == tok.pad_token_id != tok.eos_token_id
@@ -159,7 +159,7 @@ def test_4bit_inference_on_cpu_uses_the_dequantize_path_in_every_dtype(tiny_mode
     model may keep it, and an evaluation pass must not repack any weight for it."""
     import bitsandbytes as bnb
 
-    from hb_utils import perplexity
+    from hb_utils.evaluate import perplexity
 
     def model(compute_dtype: str):
         return M.load_base_model(tiny_cfg(tiny_model_dir, tmp_path, load_in_4bit=True, compute_dtype=compute_dtype))
@@ -170,7 +170,7 @@ def test_4bit_inference_on_cpu_uses_the_dequantize_path_in_every_dtype(tiny_mode
     m = model("bf16")
     assert not any(getattr(mod.weight.quant_state, "packing_format_for_cpu", False)
                    for mod in m.modules() if isinstance(mod, bnb.nn.Linear4bit))
-    tok = T.load_tokenizer(str(tiny_model_dir))
+    tok = load_tokenizer(str(tiny_model_dir))
     convs = [[{"role": "user", "content": "q" * (i + 3)}, {"role": "assistant", "content": "a b c " * (i + 1)}]
              for i in range(4)]
     perplexity.token_nll(m, tok, convs, batch_size=4, progress=False)
@@ -265,7 +265,7 @@ def test_smollm2_4bit_on_cpu(smollm2_dir, tmp_path):
     assert linears[0].weight.quant_state.quant_type == "nf4"
     n_plain = AutoModelForCausalLM.from_pretrained(smollm2_dir).num_parameters()
     assert M.parameter_counts(model)["total"] == n_plain
-    tok = T.load_tokenizer(cfg.model_name)
+    tok = load_tokenizer(cfg.model_name)
     x = tok(["What is asthma?", "Hi"], return_tensors="pt", padding=True)
     with torch.no_grad():
         logits = model(**x).logits

@@ -18,9 +18,9 @@ import pytest
 
 from hb_utils import run_dir
 from hb_utils.config import FIELDS, ExperimentConfig
-from hb_utils.notebook import parameters_cell_source
-from hb_utils.report import to_html
 from hb_utils.run_dir import RunPaths
+from hb_utils.runs.notebook import parameters_cell_source
+from hb_utils.runs.report import to_html
 from tests.conftest import ROOT, write_release
 
 EXPECTED = ["01_eda", "02_format_split", "03_train_qlora", "04_evaluate", "05_qualitative"]

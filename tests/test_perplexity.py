@@ -12,7 +12,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from hb_utils import perplexity as P
+from hb_utils.evaluate import perplexity as P
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -168,7 +168,7 @@ def test_scored_tokens_are_the_tokens_trl_trains_on_sentencepiece(tmp_path):
     """TinyLlama-style SentencePiece tokenizer (built offline, tests/test_tokenizer.py): the answer tokens
     perplexity scores are exactly the supervised tokens of TRL's own training batch, and their NLL is the
     loss the trainer's model computes on that batch."""
-    from hb_utils.tokenizer import configure_tokenizer
+    from hb_utils.model.tokenizer import configure_tokenizer
     from tests.test_tokenizer import llama_tokenizer, real_rows, trl_batch
 
     tok = configure_tokenizer(llama_tokenizer())

@@ -10,10 +10,11 @@ import sys
 import nbformat
 import pytest
 
-from hb_utils import cli, runner
+from hb_utils import cli
 from hb_utils.config import load_config
 from hb_utils.errors import RunError
-from hb_utils.notebook import parameters_cell_source
+from hb_utils.runs import runner
+from hb_utils.runs.notebook import parameters_cell_source
 from tests.conftest import ROOT
 
 
@@ -22,7 +23,7 @@ def fixture_notebook(path, body: str) -> None:
     params = nbformat.v4.new_code_cell(parameters_cell_source())
     params.metadata["tags"] = ["parameters"]
     nb.cells = [nbformat.v4.new_markdown_cell("# fixture"), params,
-                nbformat.v4.new_code_cell("from hb_utils.notebook import config_from_namespace\n"
+                nbformat.v4.new_code_cell("from hb_utils.runs.notebook import config_from_namespace\n"
                                           "cfg = config_from_namespace(globals())"),
                 nbformat.v4.new_code_cell(body)]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}

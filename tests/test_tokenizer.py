@@ -1,4 +1,4 @@
-"""hb_utils.tokenizer: chat template, BOS policy, eos = end-of-turn, pad != eos, tokenization as TRL trains.
+"""hb_utils.model.tokenizer: chat template, BOS policy, eos = end-of-turn, pad != eos, tokenization as TRL trains.
 
 Fast tests use the real SmolLM2 tokenizer (ChatML, adds no BOS; fixtures from test_modeling) and a
 Llama-style SentencePiece tokenizer built offline here: transformers 5's own ``LlamaTokenizer``
@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from hb_utils import tokenizer as T
 from hb_utils.errors import ModelError
-from hb_utils.generation import generate_answers
-from hb_utils.perplexity import tokenize_for_perplexity
+from hb_utils.evaluate.perplexity import tokenize_for_perplexity
+from hb_utils.model import tokenizer as T
+from hb_utils.model.generation import generate_answers
+from hb_utils.model.source import load_tokenizer
 from tests import test_modeling
 
 # Shared fixtures (the lead may move them into conftest.py).
@@ -74,8 +75,8 @@ def trl_batch(tokenizer, convs: Sequence[list[dict[str, str]]], workdir: Path) -
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl import SFTTrainer
 
-    from hb_utils import trl_setup
     from hb_utils.config import ExperimentConfig
+    from hb_utils.train import trl_setup
 
     cfg = ExperimentConfig(output_root=str(workdir), gradient_checkpointing=False)
     args = trl_setup.build_sft_config(cfg, output_dir=workdir / "trl", has_eval=False, compute_dtype=torch.float32)
@@ -147,7 +148,7 @@ def test_bos_policy_is_idempotent_and_survives_save_and_load(llama, tmp_path):
     llama.save_pretrained(tmp_path / "tok")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a template is there: no Zephyr fallback warning
-        loaded = T.load_tokenizer(str(tmp_path / "tok"))
+        loaded = load_tokenizer(str(tmp_path / "tok"))
     assert loaded.chat_template == template
     assert T.encode_chat(loaded, CONVS[1]) == T.encode_chat(llama, CONVS[1])
     assert (loaded.eos_token, loaded.pad_token, loaded.padding_side) == ("</s>", "<unk>", "right")
@@ -269,7 +270,7 @@ def test_zephyr_fallback_and_pad_fix_on_template_less_tokenizer(smollm2_dir, tmp
     raw.pad_token = raw.eos_token  # what the original notebook did
     raw.save_pretrained(tmp_path / "tok")
     with pytest.warns(UserWarning, match="no chat template; using the Zephyr layout"):
-        tok = T.load_tokenizer(str(tmp_path / "tok"))
+        tok = load_tokenizer(str(tmp_path / "tok"))
     eos = tok.eos_token
     text = tok.apply_chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
                                     {"role": "assistant", "content": "A"}], tokenize=False)
@@ -289,7 +290,7 @@ def test_llama_stops_at_eos_and_pads_with_unk_not_eos(llama):
 def test_tokenizer_with_template_gives_no_warning(smollm2_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        T.load_tokenizer(str(smollm2_dir))
+        load_tokenizer(str(smollm2_dir))
 
 
 def test_eos_becomes_the_templates_end_of_turn(smollm2_dir, tmp_path):
@@ -299,11 +300,11 @@ def test_eos_becomes_the_templates_end_of_turn(smollm2_dir, tmp_path):
     raw.eos_token = "<|endoftext|>"  # e.g. a base-model eos; the ChatML turn still ends with <|im_end|>
     raw.pad_token = None
     raw.save_pretrained(tmp_path / "tok")
-    tok = T.load_tokenizer(str(tmp_path / "tok"))
+    tok = load_tokenizer(str(tmp_path / "tok"))
     assert tok.eos_token == "<|im_end|>" and tok.pad_token not in (None, "<|im_end|>")
 
 
 def test_unloadable_tokenizer_is_a_model_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="Cannot load the tokenizer"):
-        T.load_tokenizer(str(tmp_path / "empty"))
+        load_tokenizer(str(tmp_path / "empty"))

@@ -1,4 +1,4 @@
-"""hb_utils.training: completion-only labels on real batches, learning, resume after a kill, guards.
+"""hb_utils.train.training: completion-only labels on real batches, learning, resume after a kill, guards.
 
 Model tests use the packaged SmolLM2-135M-Instruct (offline) on tiny synthetic data (never MedQuAD
 text) with short sequences and a few optimizer steps.
@@ -19,12 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from hb_utils import callbacks, modeling, plots, run_dir, training, trl_setup
+from hb_utils import plots, run_dir
 from hb_utils.config import load_config
 from hb_utils.errors import ConfigError, DataError, RunError
-from hb_utils.lora_dropout import lora_dropouts
+from hb_utils.model import loading
+from hb_utils.model.lora_dropout import lora_dropouts
 from hb_utils.run_dir import RunPaths, read_json, write_json
-from hb_utils.sft_trainer import SupervisedLogitsSFTTrainer
+from hb_utils.train import callbacks, training, trl_setup
+from hb_utils.train.sft_trainer import SupervisedLogitsSFTTrainer
 from tests.conftest import ROOT
 
 ORGANS = ["heart", "lung", "skin", "liver", "kidney", "bone"]
@@ -160,7 +162,7 @@ def test_adapter_of_another_config_is_never_overwritten(tmp_path):
     adapter = RunPaths.for_config(cfg).adapter
     adapter.mkdir(parents=True)
     (adapter / "adapter_config.json").write_text("{}")
-    modeling.write_adapter_meta(other, adapter)
+    loading.write_adapter_meta(other, adapter)
     with pytest.raises(RunError) as info:
         training.train(cfg)  # refused before any model is loaded
     msg = str(info.value)
@@ -176,7 +178,7 @@ def test_adapter_of_another_config_is_never_overwritten(tmp_path):
 
 def test_reload_check_without_validation_questions_says_what_to_change(tmp_path, monkeypatch):
     monkeypatch.setattr(training.data, "ensure_splits", lambda cfg: {"train": [record("q", "a")], "val": []})
-    monkeypatch.setattr(modeling, "load_adapter_model", lambda *a, **k: pytest.fail("nothing to answer"))
+    monkeypatch.setattr(loading, "load_adapter_model", lambda *a, **k: pytest.fail("nothing to answer"))
     with pytest.raises(DataError, match="validation split is empty.*sample_size or val_frac"):
         training.reload_check(small_cfg(tmp_path))
 
@@ -327,7 +329,7 @@ def test_real_batch_supervises_exactly_the_answer_and_end_of_turn(tmp_path):
     trainable = {p.dtype for p in run.trainer.model.parameters() if p.requires_grad}
     assert trainable == ({torch.bfloat16} if run.compute_dtype == torch.bfloat16 else {torch.float32})
 
-    # LoRA dropout: hb_utils.lora_dropout's masks by default, PEFT's nn.Dropout on request
+    # LoRA dropout: hb_utils.model.lora_dropout's masks by default, PEFT's nn.Dropout on request
     assert {type(d).__name__ for d in lora_dropouts(run.trainer.model)} == {"FastDropout"}
 
     # the original behaviour stays reachable: loss on the whole text
@@ -385,14 +387,14 @@ def test_train_writes_adapter_metrics_plot_and_the_adapter_reloads(tmp_path, mon
     assert row["question"] == val_question and 0 < row["new_tokens"] <= 6 and row["answer"].strip()
 
     # rerunning the stage with the same config reuses the adapter instead of training again
-    monkeypatch.setattr(modeling, "load_base_model", lambda *a, **k: pytest.fail("model loaded again"))
+    monkeypatch.setattr(loading, "load_base_model", lambda *a, **k: pytest.fail("model loaded again"))
     assert training.train(cfg) == metrics
 
 
 CHILD = textwrap.dedent("""\
     import json, sys, time
     from transformers import TrainerCallback
-    from hb_utils import training
+    from hb_utils.train import training
     from hb_utils.config import ExperimentConfig
 
     class HangAfterSave(TrainerCallback):  # the parent kills us while we wait here

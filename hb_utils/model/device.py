@@ -20,6 +20,9 @@ from typing import Any
 
 import torch
 
+from hb_utils.errors import ConfigError
+from hb_utils.run_dir import repo_root
+
 # The libraries whose versions shape a run (recorded in config.json and metrics/train.json).
 PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate", "papermill",
             "rouge-score", "sacrebleu", "pandas")
@@ -61,8 +64,6 @@ def resolve_compute_dtype(setting: str, device: torch.device | str | None = None
     on CPU bf16 only when the CPU has native bf16 instructions (AVX512-BF16/AMX), else fp32 —
     emulated bf16 on CPU is slower than fp32, and fp16 matmuls on CPU are slower still.
     """
-    from hb_utils.errors import ConfigError
-
     if setting in DTYPES:
         return DTYPES[setting]
     if setting != "auto":
@@ -110,8 +111,6 @@ def package_versions() -> dict[str, str | None]:
 
 def git_commit(root: Path | None = None) -> str | None:
     """The checked-out commit of the repository (``-dirty`` when tracked files changed), or None."""
-    from hb_utils.run_dir import repo_root
-
     cwd = root or repo_root()
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)

@@ -20,6 +20,7 @@ from hb_utils import results, run_dir
 from hb_utils.config import ExperimentConfig, fields_in
 from hb_utils.errors import RunError
 from hb_utils.plots import save
+from hb_utils.runs.report import execute, to_html
 
 # Everything hb compare writes into its --out folder.
 COMPARE_FILES = {"comparison.md", "comparison.csv", "config_diff.csv", "loss_curves.png", "metrics.png",
@@ -187,8 +188,6 @@ def compare_runs(run_dirs: list[str], out_dir: str | None = None, *, report: boo
     out = claim_out(out_dir or "outputs/compare")
     files = write_tables(runs, out)
     if report:
-        from hb_utils.report import execute, to_html
-
         nb = out / "06_compare.ipynb"
         execute(run_dir.repo_root() / "notebooks" / "06_compare.ipynb", nb,
                 {"run_dirs": [str(r.root) for r in runs], "out_dir": str(out)}, cwd=run_dir.repo_root(), kernel=kernel)

@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from hb_utils import run_dir, split
+from hb_utils import run_dir
 from hb_utils.config import ExperimentConfig
+from hb_utils.data import split
 from hb_utils.errors import DataError
 
 # The columns of lavita/MedQuAD (the Hub conversion of the XML release), in its order.

@@ -12,7 +12,7 @@ path, and at every answer position we compare
 
 plus, per prompt, whether the candidate's own greedy answer is the same text and its ROUGE-L
 against the reference's answer (what a reader would notice). One prompt at a time, no padding, so
-padding rounding (see :mod:`hb_utils.generation`) cannot blur the comparison.
+padding rounding (see :mod:`hb_utils.model.generation`) cannot blur the comparison.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from hb_utils.generation import prompt_ids  # the prompt tokens training and 04 use
-from hb_utils.modeling import stop_token_ids
+from hb_utils.evaluate.metrics import rouge_per_example
+from hb_utils.model.generation import prompt_ids  # the prompt tokens training and 04 use
+from hb_utils.model.tokenizer import stop_token_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -70,7 +71,6 @@ def compare_models(reference: Any, candidate: Any, tokenizer: PreTrainedTokenize
     ``reference_cache`` when comparing several candidates with one reference: its greedy paths and
     probabilities are then computed once (on CPU the 4-bit reference is the slow part).
     """
-    from hb_utils.metrics import rouge_per_example
 
     if not questions:
         raise ValueError("compare_models needs at least one question")

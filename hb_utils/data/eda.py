@@ -13,8 +13,8 @@ import pandas as pd
 
 from hb_utils import run_dir
 from hb_utils.config import ExperimentConfig
-from hb_utils.data import answered
-from hb_utils.split import normalize_question
+from hb_utils.data.medquad import answered
+from hb_utils.data.split import normalize_question
 
 
 def overview(df: pd.DataFrame) -> pd.DataFrame:

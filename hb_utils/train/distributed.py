@@ -3,9 +3,9 @@
 Why a subprocess: a notebook kernel cannot become N training processes. accelerate's
 ``notebook_launcher`` forks the kernel, which it refuses once CUDA is initialised or bitsandbytes
 imported (and which cannot span machines). So with ``num_processes > 1`` the kernel only checks the
-run directory (:func:`hb_utils.training.prepare`: stamps, resume point, splits), then :func:`launch`
-starts ``python -m accelerate.commands.launch … -m hb_utils.train_worker <spec.json>``. Every rank runs
-the *same* :func:`hb_utils.training.prepare_worker` / :func:`hb_utils.training.fit` code a one-process run
+run directory (:func:`hb_utils.train.training.prepare`: stamps, resume point, splits), then :func:`launch`
+starts ``python -m accelerate.commands.launch … -m hb_utils.train.worker <spec.json>``. Every rank runs
+the *same* :func:`hb_utils.train.training.prepare_worker` / :func:`hb_utils.train.training.fit` code a one-process run
 runs; gradient synchronisation, sampler sharding and the process group are accelerate's and the
 Trainer's, not ours. Rank 0 alone writes into the run directory; its compact log lines stream into
 the cell; every other rank writes to a log file in a temporary folder, whose tail is shown when that
@@ -15,8 +15,8 @@ On CPUs accelerate's ``--cpu`` flag selects its *single-process* launcher (sever
 MPI there), so CPU runs use the torchrun path (``--multi_gpu``): with ``use_cpu`` in the training
 arguments each rank then joins a gloo process group on the CPU.
 
-Multi-node runs cannot start from a notebook (one command per machine): :func:`write_multinode`
-writes one accelerate config per machine and the spec, and returns the command each machine runs.
+Multi-node runs cannot start from a notebook (one command per machine): :mod:`hb_utils.train.multinode`
+writes one accelerate config per machine and the spec, and prints the command each machine runs.
 """
 
 from __future__ import annotations
@@ -32,21 +32,16 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import yaml
+from typing import Any
 
 from hb_utils import errors, run_dir
 from hb_utils.config import ExperimentConfig
 from hb_utils.errors import ConfigError, RunError
 
-if TYPE_CHECKING:
-    from hb_utils.training import TrainRun
-
 ENV_WORKER = "HB_DDP_WORKER"  # "1" inside launched ranks: prepare/fit train instead of launching again
 ENV_LOG_DIR = "HB_DDP_LOG_DIR"  # where ranks > 0 write rank<r>.log and every rank its rank<r>.error.json
 ENV_OVERSUBSCRIBE = "HB_ALLOW_CPU_OVERSUBSCRIBE"  # "1": allow more CPU processes than cores (slow; for tests)
-WORKER_MODULE = "hb_utils.train_worker"
+WORKER_MODULE = "hb_utils.train.worker"
 TAIL_LINES = 40
 
 
@@ -168,17 +163,18 @@ class RankFailure:
     tail: str
 
 
-def launch(run: TrainRun, *, worker: str = WORKER_MODULE, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train ``run`` on ``cfg.num_processes`` processes; stream rank 0's lines; return train.json's metrics.
+def launch(cfg: ExperimentConfig, resume_from: str | None, *, worker: str = WORKER_MODULE,
+           echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train ``cfg`` (from checkpoint ``resume_from``, or from scratch) on ``cfg.num_processes`` processes; stream rank 0's lines; return train.json's metrics.
 
     A failing rank stops the run (torchrun ends the others) and raises the rank's own error type
     (RunError for a crash or a kill) with the tail of its output. Checkpoints stay as written, so the
     next run with the same config resumes from the newest complete one.
     """
-    cfg = run.cfg
     kind = check_num_processes(cfg)
+    paths = run_dir.RunPaths.for_config(cfg)
     log_dir = Path(tempfile.mkdtemp(prefix=f"hb-ddp-{cfg.experiment}-"))
-    spec = write_spec(cfg, run.resume_from, log_dir / "spec.json")
+    spec = write_spec(cfg, resume_from, log_dir / "spec.json")
     cmd = launch_command(cfg, spec, kind=kind, threads_per_process=_cpu_threads(cfg.num_processes), worker=worker)
     env = {**os.environ, ENV_WORKER: "1", ENV_LOG_DIR: str(log_dir), "PYTHONUNBUFFERED": "1",
            "HB_HEADLESS": "1",  # one compact line per log step instead of a tqdm bar from another process
@@ -205,8 +201,8 @@ def launch(run: TrainRun, *, worker: str = WORKER_MODULE, echo: Callable[[str], 
             raise
     if code != 0:
         failure = diagnose(log_dir, cfg.num_processes, stderr_path.read_text(errors="replace"), "\n".join(rank0_tail))
-        raise _as_error(failure, cfg, run)
-    metrics_path = run.paths.metrics / "train.json"
+        raise _as_error(failure, cfg, paths.checkpoints)
+    metrics_path = paths.metrics / "train.json"
     if not metrics_path.is_file():
         raise RunError(f"The training processes ended without writing {metrics_path}; see the logs in {log_dir}.")
     return run_dir.read_json(metrics_path)
@@ -262,83 +258,13 @@ def _rank_tail(log_dir: Path, r: int, rank0_output: str) -> str:
     return "\n".join(text.strip().splitlines()[-TAIL_LINES:])
 
 
-def _as_error(f: RankFailure, cfg: ExperimentConfig, run: TrainRun) -> errors.HBError:
+def _as_error(f: RankFailure, cfg: ExperimentConfig, checkpoints: Path) -> errors.HBError:
     """The failing rank's own user-error type (e.g. the NaN guard's RunError) or a RunError, with its tail."""
     who = f"rank {f.rank} of {cfg.num_processes}" if f.rank is not None else "the launcher"
     cls = getattr(errors, f.error_type or "", None)
     cls = cls if isinstance(cls, type) and issubclass(cls, errors.HBError) else RunError
     kind = f"{f.error_type}: " if f.error_type and cls is RunError else ""
     return cls(f"Training failed on {who}: {kind}{f.message}\n"
-               f"Checkpoints written so far stay in {run.paths.checkpoints}: rerun with the same config "
+               f"Checkpoints written so far stay in {checkpoints}: rerun with the same config "
                f"(num_processes={cfg.num_processes}) to resume from the newest one.\n"
                f"--- last lines of {who} ---\n{f.tail}")
-
-
-# --------------------------------------------------------------------------- multi-node
-def write_multinode(cfg: ExperimentConfig, *, num_machines: int, main_process_ip: str, main_process_port: int = 29500,
-                    resume_from: str | None = None, out_dir: Path | None = None) -> list[str]:
-    """One accelerate config per machine plus the spec; returns the ``accelerate launch`` command of each machine.
-
-    ``cfg.num_processes`` is the total over all machines. Every machine must see the repository and
-    the run directory at the same path (a shared filesystem): all ranks read the split, rank 0 writes
-    the adapter and metrics. With ``cfg.accelerate_config`` (e.g. FSDP) its settings are kept and
-    the machine fields replaced.
-    """
-    if num_machines < 2:
-        raise ConfigError("write_multinode is for 2 or more machines; one machine needs no config (num_processes).")
-    if cfg.num_processes % num_machines:
-        raise ConfigError(f"num_processes ({cfg.num_processes}) is the total over all machines and must be a "
-                          f"multiple of num_machines ({num_machines}).")
-    out = out_dir or run_dir.RunPaths.for_config(cfg).root / "distributed"
-    spec = write_spec(cfg, resume_from, out / "spec.json")
-    base: dict[str, Any] = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_GPU",
-                            "mixed_precision": "no", "use_cpu": False, "same_network": True,
-                            "rdzv_backend": "static", "dynamo_config": {}}
-    if cfg.accelerate_config:
-        base.update(yaml.safe_load(run_dir.resolve(cfg.accelerate_config).read_text()) or {})
-    commands = []
-    for machine in range(num_machines):
-        conf = {**base, "num_machines": num_machines, "num_processes": cfg.num_processes, "machine_rank": machine,
-                "main_process_ip": main_process_ip, "main_process_port": main_process_port}
-        path = out / f"accelerate_machine{machine}.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(conf, sort_keys=True))
-        commands.append(f"{ENV_WORKER}=1 HB_HEADLESS=1 accelerate launch --config_file {path} "
-                        f"-m {WORKER_MODULE} {spec}")
-    return commands
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m hb_utils.distributed params/x.yaml --num-machines 2 --main-ip 10.0.0.1 [-p name value]``:
-    check the run directory as stage 03 would, write the per-machine configs, print each machine's command."""
-    import argparse
-
-    from hb_utils.config import load_config
-    from hb_utils.training import prepare
-
-    parser = argparse.ArgumentParser(prog="python -m hb_utils.distributed", description=main.__doc__)
-    parser.add_argument("params")
-    parser.add_argument("--num-machines", type=int, required=True)
-    parser.add_argument("--main-ip", required=True, help="address of machine 0, reachable from every machine")
-    parser.add_argument("--main-port", type=int, default=29500)
-    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.params, **{k: yaml.safe_load(v) for k, v in args.parameter})
-        run = prepare(cfg, check_devices=False)  # the run directory, as stage 03 checks it; devices are per machine
-        if run.already_trained:
-            print(f"{run.paths.adapter} already holds this config's adapter; nothing to launch.")
-            return 0
-        commands = write_multinode(cfg, num_machines=args.num_machines, main_process_ip=args.main_ip,
-                                   main_process_port=args.main_port, resume_from=run.resume_from)
-    except errors.HBError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for machine, command in enumerate(commands):
-        print(f"# machine {machine} (run in the repository root, same paths on every machine):\n{command}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
-

@@ -4,12 +4,12 @@ Why one load: the base model is loaded ONCE with the adapter on top, and the bas
 from the same weights with the adapter switched off (``with model.disable_adapter():``). Base and
 fine-tuned therefore share the 4-bit quantisation, dtype, tokenizer, chat template, prompts and
 greedy settings; the only difference left is the adapter. A missing adapter, or one trained on
-another model or config, is refused by :func:`hb_utils.modeling.load_adapter_model`.
+another model or config, is refused by :func:`hb_utils.model.loading.load_adapter_model`.
 
 Artifacts (``metrics/`` of the run, stamped with :func:`hb_utils.run_dir.stamp`): ``eval.json``
 (metrics with 95% bootstrap intervals and paired deltas, both perplexity variants, implementations
 and settings) and ``predictions.jsonl`` (one row per test question, with the eval fingerprint).
-Stage 05 is :mod:`hb_utils.qualitative`.
+Stage 05 is :mod:`hb_utils.evaluate.qualitative`.
 """
 
 from __future__ import annotations
@@ -22,10 +22,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from hb_utils import data, eval_reruns, metrics, modeling, perplexity, results, run_dir
+from hb_utils import results, run_dir
 from hb_utils.config import ExperimentConfig
+from hb_utils.data import medquad
 from hb_utils.errors import RunError
-from hb_utils.generation import GenResult, generate_answers
+from hb_utils.evaluate import metrics, perplexity, reruns
+from hb_utils.model import loading
+from hb_utils.model.generation import GenResult, generate_answers
 from hb_utils.plots import save
 from hb_utils.run_dir import RunPaths, read_jsonl, write_json, write_jsonl
 
@@ -43,8 +46,8 @@ def run_evaluation(cfg: ExperimentConfig) -> dict[str, Any]:
     """Greedy answers and perplexity of base and fine-tuned model on the test split; writes
     ``metrics/eval.json`` and ``metrics/predictions.jsonl`` and returns the eval.json payload."""
     run = run_dir.claim(cfg, made_by="evaluation.run_evaluation")
-    model, tokenizer = modeling.load_adapter_model(cfg, run.adapter)  # refuses missing / foreign adapters
-    test = data.ensure_splits(cfg)["test"]
+    model, tokenizer = loading.load_adapter_model(cfg, run.adapter)  # refuses missing / foreign adapters
+    test = medquad.ensure_splits(cfg)["test"]
     gen_records = metrics.select_first(test, cfg.eval_size)
     ppl_records = metrics.select_first(test, cfg.ppl_size)
     questions = [r["question"] for r in gen_records]
@@ -71,7 +74,7 @@ def run_evaluation(cfg: ExperimentConfig) -> dict[str, Any]:
     result = {
         "stamp": run_dir.stamp(cfg, "eval", "evaluation.run_evaluation"),
         "experiment": cfg.experiment,
-        "adapter_meta": modeling.read_adapter_meta(run.adapter),
+        "adapter_meta": loading.read_adapter_meta(run.adapter),
         "implementations": metrics.implementations(),
         "settings": {"model_name": cfg.model_name, "test_size": len(test), "eval_size": cfg.eval_size,
                      "eval_examples": n, "ppl_size": cfg.ppl_size, "ppl_examples": len(ppl_records),
@@ -101,7 +104,7 @@ def run_evaluation(cfg: ExperimentConfig) -> dict[str, Any]:
             row[f"{system}_scores"] = {k: float(v[i]) for k, v in per_example[system].items()}
         row["fingerprint"] = fp
         rows.append(row)
-    eval_reruns.record_eval_rerun(cfg, "04_evaluate", made_by="evaluation.run_evaluation")  # other eval configs' metrics aside
+    reruns.record_eval_rerun(cfg, "04_evaluate", made_by="evaluation.run_evaluation")  # other eval configs' metrics aside
     write_jsonl(run.metrics / "predictions.jsonl", rows)
     write_json(run.metrics / "eval.json", result)
     return result

@@ -3,7 +3,7 @@
 Why: the run's adapter needs PEFT, bitsandbytes and the 4-bit base to run; people who want to *use*
 HealthBot need one ordinary model directory (``AutoModelForCausalLM.from_pretrained``, no peft) or
 one GGUF file for llama.cpp / Ollama. What matters is that the export behaves like the model that
-was evaluated, so every export is measured against it (:mod:`hb_utils.agreement`).
+was evaluated, so every export is measured against it (:mod:`hb_utils.export.agreement`).
 
 **Which weights to merge into.** QLoRA trained the adapter against the 4-bit NF4 weights, i.e.
 the base weights plus their quantisation error. Merging into the original 16/32-bit base weights
@@ -15,7 +15,7 @@ in ``export/merge_measurement.json`` and the model card.
 
 Layout: ``outputs/<exp>/export/merged/`` (safetensors in fp16/bf16, tokenizer, chat template,
 generation_config stopping at the end-of-turn token, README.md model card),
-``export/hb_export.json`` (which adapter made it), ``export/gguf/`` (see :mod:`hb_utils.gguf_export`).
+``export/hb_export.json`` (which adapter made it), ``export/gguf/`` (see :mod:`hb_utils.export.gguf_file`).
 An export folder that holds another adapter's export is refused unless ``overwrite``, which moves it
 aside (``export.replaced-<time>``), never deleting it.
 """
@@ -27,67 +27,35 @@ import os
 import shutil
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hb_utils import model_source, modeling, run_dir
-from hb_utils import tokenizer as tokenizer_policy
+from hb_utils import run_dir
 from hb_utils.config import ExperimentConfig
-from hb_utils.errors import ConfigError, ModelError, RunError
-from hb_utils.run_dir import RunPaths, read_json, resolve, utc_now, write_json
+from hb_utils.data import medquad
+from hb_utils.errors import ModelError, RunError
+from hb_utils.evaluate import metrics
+from hb_utils.export import gguf_file
+from hb_utils.export.agreement import compare_models
+from hb_utils.export.model_card import write_model_card
+from hb_utils.export.paths import EXPORT_CONFIG, MARKER, ExportPaths
+from hb_utils.model import loading, source
+from hb_utils.model import tokenizer as tokenizer_policy
+from hb_utils.run_dir import RunPaths, read_json, run_config, utc_now, write_json
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 MERGE_MODES = ("auto", "base", "dequantized")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-MARKER = "hb_export.json"
-EXPORT_CONFIG = "healthbot_config.json"  # the run's config next to the merged weights: `hb chat` reads its prompt
-
-
-@dataclass(frozen=True)
-class ExportPaths:
-    """Every file of one run's export."""
-
-    root: Path
-
-    @classmethod
-    def for_config(cls, cfg: ExperimentConfig) -> ExportPaths:
-        return cls(RunPaths.for_config(cfg).root / "export")
-
-    merged = property(lambda self: self.root / "merged")
-    marker = property(lambda self: self.root / MARKER)
-    measurement = property(lambda self: self.root / "merge_measurement.json")
-    gguf = property(lambda self: self.root / "gguf")
-
-
-def run_config(run_dir: str | Path) -> ExperimentConfig:
-    """The config of a finished run directory (its ``config.json``), pointed at that directory.
-
-    ``output_root``/``experiment`` are set from ``run_dir`` itself (they are bookkeeping, outside
-    every fingerprint), so a run directory that was copied or moved still finds its own files.
-    """
-    root = resolve(run_dir)
-    path = root / "config.json"
-    if not path.is_file():
-        raise RunError(f"{root} is not a run directory (no config.json). Pass outputs/<experiment> of a run made "
-                       "by `hb run params/<file>.yaml`.")
-    try:
-        values = dict(read_json(path)["config"])
-        values.update(output_root=str(root.parent), experiment=root.name)
-        return ExperimentConfig(**values)
-    except (KeyError, TypeError, ValueError, ConfigError) as exc:
-        raise RunError(f"{path} does not hold a config this kit can read ({exc}). Rerun the experiment with "
-                       "`hb run` to rewrite it.") from None
 
 
 def adapter_identity(adapter_dir: Path) -> dict[str, Any]:
     """Which adapter an export came from: its hb_meta fingerprints and the hash of its weights
     (a retrained adapter of the same config has the same fingerprint but other weights)."""
-    meta = modeling.read_adapter_meta(adapter_dir) or {}
+    meta = loading.read_adapter_meta(adapter_dir) or {}
     digest = hashlib.sha256()
     for f in sorted(adapter_dir.glob("adapter_model.*")):
         digest.update(f.read_bytes())
@@ -118,7 +86,7 @@ def parameter_count(cfg: ExperimentConfig) -> int:
     """Parameters of the base model, counted on the meta device (no weights read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_source.resolve_model_path(cfg.model_name))
+    config = AutoConfig.from_pretrained(source.resolve_model_path(cfg.model_name))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return sum(p.numel() for p in model.parameters())  # tied weights are one parameter
@@ -165,10 +133,10 @@ def merge(cfg: ExperimentConfig, adapter_dir: Path, merge_into: str,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    plain = AutoModelForCausalLM.from_pretrained(model_source.resolve_model_path(cfg.model_name), dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_pretrained(source.resolve_model_path(cfg.model_name), dtype=torch.float32)
     if merge_into == "dequantized":
         if quantized is None:
-            quantized = modeling.load_base_model(cfg)
+            quantized = loading.load_base_model(cfg)
         dequantize_into(plain, quantized)
     elif merge_into != "base":
         raise ValueError(f"merge_into must be base or dequantized, got {merge_into!r}")
@@ -180,9 +148,7 @@ def merge(cfg: ExperimentConfig, adapter_dir: Path, merge_into: str,
 
 def eval_questions(cfg: ExperimentConfig) -> list[str]:
     """The run's evaluation questions: the first ``eval_size`` of its test split (as 04 uses)."""
-    from hb_utils import data, metrics
-
-    test = data.ensure_splits(cfg)["test"]
+    test = medquad.ensure_splits(cfg)["test"]
     return [r["question"] for r in metrics.select_first(test, cfg.eval_size)]
 
 
@@ -230,21 +196,18 @@ def export_run(run_dir: str | Path, *, merge_into: str = "auto", dtype: str = "f
     ``merge_into``: auto | base | dequantized (see the module docstring); both are always measured.
     ``gguf``: None, ``f16`` or ``q8_0``.
     """
-    from hb_utils import gguf_export
-    from hb_utils.agreement import compare_models
-    from hb_utils.model_card import write_model_card
 
-    if merge_into not in MERGE_MODES or dtype not in DTYPES or gguf not in (None, *gguf_export.GGUF_TYPES):
+    if merge_into not in MERGE_MODES or dtype not in DTYPES or gguf not in (None, *gguf_file.GGUF_TYPES):
         raise RunError(f"merge_into must be one of {MERGE_MODES}, dtype one of {tuple(DTYPES)}, gguf one of "
-                       f"{gguf_export.GGUF_TYPES}; got {merge_into!r}, {dtype!r}, {gguf!r}.")
+                       f"{gguf_file.GGUF_TYPES}; got {merge_into!r}, {dtype!r}, {gguf!r}.")
     cfg = run_config(run_dir)
     run = RunPaths.for_config(cfg)
-    adapter_dir = modeling.check_adapter(cfg, run.adapter)  # ModelError: missing or foreign adapter
+    adapter_dir = loading.check_adapter(cfg, run.adapter)  # ModelError: missing or foreign adapter
     paths = ExportPaths.for_config(cfg)
     identity = adapter_identity(adapter_dir)
     old = claim_export_dir(paths, identity, overwrite=overwrite)
     n_params = parameter_count(cfg)
-    need = n_params * 2 + (n_params * gguf_export.BYTES_PER_PARAM[gguf] if gguf else 0)
+    need = n_params * 2 + (n_params * gguf_file.BYTES_PER_PARAM[gguf] if gguf else 0)
     check_disk_space(paths.root, need, f"the merged model{' and GGUF' if gguf else ''} ({n_params / 1e6:.0f}M params)")
 
     reuse = (old is not None and (paths.merged / "config.json").is_file() and old.get("dtype") == dtype
@@ -252,7 +215,7 @@ def export_run(run_dir: str | Path, *, merge_into: str = "auto", dtype: str = "f
     record: dict[str, Any] = old if reuse else {}
     questions = eval_questions(cfg)
     if not reuse:
-        reference, tokenizer = modeling.load_adapter_model(cfg, adapter_dir)
+        reference, tokenizer = loading.load_adapter_model(cfg, adapter_dir)
         measured: dict[str, dict[str, Any]] = {}
         best_mode, best, cache = None, None, {}
         for mode in ("dequantized", "base"):
@@ -285,7 +248,7 @@ def export_run(run_dir: str | Path, *, merge_into: str = "auto", dtype: str = "f
     record["merged_bytes"] = sum(f.stat().st_size for f in paths.merged.iterdir() if f.suffix == ".safetensors")
     write_json(paths.marker, record)
     if gguf:
-        record["gguf"][gguf] = gguf_export.export_gguf(cfg, paths.merged, paths.gguf, gguf, questions, log=log)
+        record["gguf"][gguf] = gguf_file.export_gguf(cfg, paths.merged, paths.gguf, gguf, questions, log=log)
         write_json(paths.marker, record)
     write_model_card(cfg, paths, record)
     log(f"merged model ({record['merge_into']}, {dtype}): {paths.merged}")

@@ -4,7 +4,7 @@ Why one call: every notebook needs the same three things before its story starts
 them its own way — validate the parameters (unknown names fail with a did-you-mean, while the notebook's
 own variables are never mistaken for parameters, so Run All twice or a rerun from the parameters cell
 works), keep library noise out of the report (:func:`hb_utils.quiet.apply`), and show what this run
-changed against Experiment 1 (:func:`hb_utils.report.header_markdown`).
+changed against Experiment 1 (:func:`hb_utils.runs.report.header_markdown`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 
 from hb_utils import quiet, run_dir
 from hb_utils.config import FIELDS, ExperimentConfig, check_names, type_name
+from hb_utils.runs.report import header_markdown
 
 
 def begin(namespace: Mapping[str, Any], *, show: bool = True) -> ExperimentConfig:
@@ -29,8 +30,6 @@ def begin(namespace: Mapping[str, Any], *, show: bool = True) -> ExperimentConfi
     quiet.apply(progress=cfg.progress)
     if show:
         from IPython.display import Markdown, display
-
-        from hb_utils.report import header_markdown
 
         display(Markdown(header_markdown(cfg)))
     return cfg

@@ -14,10 +14,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from hb_utils import eval_reruns, metrics, modeling, run_dir
+from hb_utils import run_dir
 from hb_utils.config import ExperimentConfig
-from hb_utils.evaluation import generate
-from hb_utils.generation import GenResult
+from hb_utils.evaluate import metrics, reruns
+from hb_utils.evaluate.evaluation import generate
+from hb_utils.model import loading
+from hb_utils.model.generation import GenResult
 from hb_utils.run_dir import write_jsonl
 
 IN_DOMAIN = (
@@ -71,7 +73,7 @@ def run_qualitative(cfg: ExperimentConfig) -> list[dict[str, Any]]:
     """Sampled answers (cfg.qual_*, seeded by cfg.qual_seed so a rerun gives the same text) of base
     and fine-tuned model to the standard prompts; writes qualitative.jsonl and qualitative.md."""
     run = run_dir.claim(cfg, made_by="qualitative.run_qualitative")
-    model, tokenizer = modeling.load_adapter_model(cfg, run.adapter)
+    model, tokenizer = loading.load_adapter_model(cfg, run.adapter)
     prompts = qualitative_prompts(cfg)
     texts = [p for _, p in prompts]
     sampling = {"max_new_tokens": cfg.qual_max_new_tokens, "do_sample": True, "temperature": cfg.qual_temperature,
@@ -86,7 +88,7 @@ def run_qualitative(cfg: ExperimentConfig) -> list[dict[str, Any]]:
                      "base_flags": answer_flags(prompt, b), "finetuned_flags": answer_flags(prompt, f),
                      "base_tokens": b.n_new_tokens, "finetuned_tokens": f.n_new_tokens,
                      "sampling": sampling, "fingerprint": stamp["fingerprints"]["eval"]})
-    eval_reruns.record_eval_rerun(cfg, "05_qualitative", made_by="qualitative.run_qualitative")
+    reruns.record_eval_rerun(cfg, "05_qualitative", made_by="qualitative.run_qualitative")
     write_jsonl(run.metrics / "qualitative.jsonl", rows)
     (run.metrics / "qualitative.md").write_text(qualitative_markdown(rows, {"experiment": cfg.experiment, **stamp}))
     return rows

@@ -4,7 +4,7 @@ Why it is computed this way:
 
 * Token-weighted over the whole test set (total NLL / total tokens) on the *answer* tokens only:
   the prompt is masked. Each record is tokenized exactly as TRL tokenizes it for training (prompt
-  and answer together, BOS per the tokenizer policy; :mod:`hb_utils.tokenizer`), so the scored
+  and answer together, BOS per the tokenizer policy; :mod:`hb_utils.model.tokenizer`), so the scored
   tokens are the supervised ones. The original
   notebook's number is kept for comparison, clearly labelled: it computed the loss of each
   example's *full* text one at a time and averaged those losses over examples
@@ -29,9 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hb_utils.metrics import bootstrap_ci
+from hb_utils.evaluate.metrics import bootstrap_ci
+from hb_utils.model.tokenizer import encode_prompt_completion
 from hb_utils.progress import pbar
-from hb_utils.tokenizer import encode_prompt_completion
 
 KEYS = ("answer_nll", "answer_tokens", "full_nll", "full_tokens")
 
@@ -42,7 +42,7 @@ def tokenize_for_perplexity(tokenizer: Any, messages: Sequence[dict[str, str]]) 
     The prompt is everything up to the assistant turn (system + user + generation prompt); the
     rest (answer and end-of-turn) is what the answer perplexity scores: the tokens that carry loss
     in completion-only training. Prompt and answer are tokenized together, the way TRL does
-    (:func:`hb_utils.tokenizer.encode_prompt_completion`), so the scored ids are the trained ids
+    (:func:`hb_utils.model.tokenizer.encode_prompt_completion`), so the scored ids are the trained ids
     (tokenized alone, a SentencePiece answer would start with an extra ``▁`` token)."""
     if not messages or messages[-1]["role"] != "assistant":
         raise ValueError("perplexity needs chat messages that end with the assistant answer")

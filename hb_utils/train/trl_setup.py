@@ -24,19 +24,20 @@ from transformers import TrainerCallback
 from transformers.integrations import is_tensorboard_available
 from trl import SFTConfig, SFTTrainer
 
-from hb_utils import lora_dropout, modeling, run_dir
+from hb_utils import run_dir
 from hb_utils.config import ExperimentConfig
-from hb_utils.device import resolve_compute_dtype
 from hb_utils.errors import ConfigError, DataError
+from hb_utils.model import loading, lora_dropout
+from hb_utils.model.device import resolve_compute_dtype
 from hb_utils.quiet import is_headless
-from hb_utils.sft_trainer import SupervisedLogitsSFTTrainer
+from hb_utils.train.sft_trainer import SupervisedLogitsSFTTrainer
 
 SAVE_TOTAL_LIMIT = 2  # newest checkpoints kept (plus the best one when load_best_model); bounds disk use
 
 
 # --------------------------------------------------------------------------- data
 def to_prompt_completion(records: Sequence[dict[str, Any]]) -> Dataset:
-    """Chat records (hb_utils.data) -> a conversational prompt/completion dataset for TRL.
+    """Chat records (hb_utils.data.medquad) -> a conversational prompt/completion dataset for TRL.
 
     prompt = every message before the last (system + user), completion = [the assistant answer].
     TRL renders ``prompt + completion`` with the tokenizer's chat template and marks the tokens
@@ -48,7 +49,7 @@ def to_prompt_completion(records: Sequence[dict[str, Any]]) -> Dataset:
         if not messages or len(messages) < 2 or messages[-1].get("role") != "assistant":
             raise DataError(f"Record {i} ({rec.get('id', '?') if isinstance(rec, dict) else rec!r}) has no chat "
                             "messages ending with an assistant answer. Rebuild the splits with 02_format_split "
-                            "(hb_utils.data.prepare_splits).")
+                            "(hb_utils.data.medquad.prepare_splits).")
         rows.append({"prompt": [dict(m) for m in messages[:-1]], "completion": [dict(messages[-1])]})
     if not rows:
         raise DataError("No training records: the split is empty. Raise sample_size or train_frac.")
@@ -170,11 +171,11 @@ def build_trainer(cfg: ExperimentConfig, args: SFTConfig, tokenizer: Any, train_
 
     The one place that assembles them, so :func:`prepare` and ``benchmarks/bench_train.py`` train
     the same thing; with ``fast_lora_dropout`` PEFT's dropout modules are swapped for
-    :class:`hb_utils.lora_dropout.FastDropout` before any step.
+    :class:`hb_utils.model.lora_dropout.FastDropout` before any step.
     """
-    trainer = trainer_class(model=modeling.load_base_model(cfg, for_training=True, tokenizer=tokenizer), args=args,
+    trainer = trainer_class(model=loading.load_base_model(cfg, for_training=True, tokenizer=tokenizer), args=args,
                             train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
-                            peft_config=modeling.lora_config(cfg), callbacks=list(callbacks))
+                            peft_config=loading.lora_config(cfg), callbacks=list(callbacks))
     if cfg.fast_lora_dropout:
         lora_dropout.install(trainer.model)
     keep_adapter_in_compute_precision(trainer.model, args)
