@@ -81,8 +81,8 @@ class ExperimentConfig:
     val_frac: float = _f(0.1, "Fraction of pairs for validation.", min=0.0, max=1.0, scope="data")
     test_frac: float = _f(0.1, "Fraction of pairs for testing.", min=0.0, max=1.0, scope="data")
     split_seed: int = _f(42, "Seed of the train/val/test split.", scope="data")
-    split_by: str = _f("question", "What never spans two splits: question (pairs sharing a question, an answer or a "
-                       "near-duplicate answer), focus (also sharing a focus), or row (the original notebook's split).",
+    split_by: str = _f("question", "What never spans two splits: question (+ same or near-duplicate answer), focus, "
+                       "or row (the original's).",
                        choices=("row", "question", "focus"), scope="data")
     # --- model ---
     model_name: str = _f("TinyLlama/TinyLlama-1.1B-Chat-v1.0",
@@ -93,17 +93,16 @@ class ExperimentConfig:
     bnb_4bit_double_quant: bool = _f(True, "Double quantization of the 4-bit constants.", scope="train")
     compute_dtype: str = _f("auto", "auto (bf16 where supported, else fp16 on GPU / fp32 on CPU), bf16, fp16, fp32.",
                             choices=("auto", "bf16", "fp16", "fp32"), scope="train")
-    attn_implementation: str = _f("auto", "Attention kernel: auto (SDPA, except short bf16 CPU training batches "
-                                  "(at most 320 tokens at 1 thread, 160 at 2), which use matmul attention: faster "
-                                  "there; fp32 always SDPA; see hb_utils.model.attention), sdpa, or eager; same results "
-                                  "up to rounding.",
+    attn_implementation: str = _f("auto", "Attention kernel: auto (the faster one per device and dtype, "
+                                  "hb_utils.model.attention), sdpa or eager.",
                                   choices=("auto", "sdpa", "eager"), scope="run")
     # --- LoRA ---
     lora_r: int = _f(8, "LoRA rank.", min=1, scope="train")
     lora_alpha: int = _f(16, "LoRA alpha; the adapter output is scaled by alpha / r.", min=1, scope="train")
     lora_dropout: float = _f(0.05, "LoRA dropout, in [0, 1).", min=0.0, max_excl=1.0, scope="train")
-    fast_lora_dropout: bool = _f(True, "On CPU, draw LoRA dropout masks 16 bits at a time (faster masks, "
-                                 "p rounded to 2**-16, a different random stream); False: PEFT's nn.Dropout.", scope="train")
+    fast_lora_dropout: bool = _f(True, "On CPU, draw LoRA dropout masks 16 bits at a time (faster; p rounded to "
+                                 "2**-16); False: nn.Dropout.",
+                                 scope="train")
     lora_target_modules: list[str] = _f(LORA_TARGETS, "Module names that get LoRA adapters.", scope="train",
                                         comma_list=True)
     # --- training ---
@@ -116,9 +115,8 @@ class ExperimentConfig:
     lr_scheduler: str = _f("cosine", "Learning-rate schedule (transformers name).", scope="train")
     warmup_ratio: float = _f(0.05, "Share of steps for warm-up.", min=0.0, max=1.0, scope="train")
     weight_decay: float = _f(0.001, "Weight decay.", min=0.0, scope="train")
-    optim: str = _f("paged_adamw_8bit", "Optimizer (transformers name). paged_adamw_8bit: 8-bit AdamW whose states "
-                    "page out to CPU memory under GPU memory pressure; on a CPU bitsandbytes runs the same "
-                    "8-bit AdamW unpaged (and warns so).", scope="train")
+    optim: str = _f("paged_adamw_8bit", "Optimizer (transformers name); paged_adamw_8bit runs unpaged on a CPU.",
+        scope="train")
     max_grad_norm: float = _f(0.3, "Gradient clipping norm.", min_excl=0.0, scope="train")
     gradient_checkpointing: bool = _f(True, "Recompute activations to save memory.", scope="train")
     group_by_length: bool = _f(False, "Batch examples of similar length (less padding).", scope="train")
@@ -128,16 +126,15 @@ class ExperimentConfig:
     load_best_model: bool = _f(True, "Keep the checkpoint with the best validation loss.", scope="train")
     completion_only_loss: bool = _f(True, "Loss on answer tokens only (False: original full-sequence loss).", scope="train")
     seed: int = _f(42, "Training seed.", scope="train")
-    report_to: str = _f("none", "Training logger: none or tensorboard (needs `pip install tensorboard`; "
-                        "logs in checkpoints/runs/).", choices=("none", "tensorboard"), scope="run")
-    num_processes: int = _f(1, "Training processes (data-parallel through `accelerate launch`: one per GPU, or CPU "
-                            "processes; docs/distributed.md). The effective batch is batch_size x grad_accum x "
-                            "num_processes: keep Experiment 1's 8 by lowering grad_accum to 8 / (batch_size x num_processes). "
-                            "Scope train: another N is another optimisation (batch, data order, per-rank RNG), so "
-                            "its adapter/checkpoints are never reused or resumed.", min=1, scope="train")
-    accelerate_config: str = _f("", "accelerate config YAML for num_processes > 1 (e.g. accelerate/fsdp_qlora.yaml: "
-                                "FSDP for models that do not fit one GPU); empty: DDP with accelerate's defaults. "
-                                "Same optimisation either way (only rounding differs).", scope="run")
+    report_to: str = _f("none", "Training logger: none or tensorboard (extra `tensorboard`; logs in "
+                        "checkpoints/runs/).",
+                        choices=("none", "tensorboard"), scope="run")
+    num_processes: int = _f(1, "Data-parallel training processes (accelerate; docs/distributed.md); effective batch "
+                            "= batch x accum x N.",
+                            min=1, scope="train")
+    accelerate_config: str = _f("", "accelerate config YAML for num_processes > 1 (e.g. accelerate/fsdp_qlora.yaml); "
+                                "empty: DDP defaults.",
+                                scope="run")
     resume: str = _f("auto", "auto: continue from this config's newest checkpoint; never: start fresh.",
                      choices=("auto", "never"), scope="run")
     # --- evaluation ---
@@ -212,15 +209,45 @@ def fields_in(*scopes: str) -> tuple[str, ...]:
     return tuple(name for name, f in FIELDS.items() if f.metadata["scope"] in scopes)
 
 
-def check_names(values: Mapping[str, Any]) -> None:
+# The scopes each stage notebook reads. Its parameters cell lists just these fields (under scope headings),
+# `hb run` passes it just these, and a notebook given another stage's parameter refuses it, naming the stages
+# that read it: `-p lora_r 8` to 01_eda changes nothing there and must not look as if it did.
+STAGE_SCOPES = {"01_eda": ("run", "data"), "02_format_split": ("run", "data"),
+                "03_train_qlora": ("run", "data", "train"), "04_evaluate": SCOPES, "05_qualitative": SCOPES}
+
+
+def stage_fields(stage: str | None) -> tuple[str, ...]:
+    """The parameters ``stage`` (a notebook name such as ``01_eda``) reads; every field for None."""
+    if stage is None:
+        return tuple(FIELDS)
+    if stage not in STAGE_SCOPES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGE_SCOPES)}")  # a bug in the caller
+    return fields_in(*STAGE_SCOPES[stage])
+
+
+def stages_using(name: str) -> list[str]:
+    """The stage notebooks whose parameters include ``name``."""
+    return [stage for stage in STAGE_SCOPES if name in stage_fields(stage)]
+
+
+def check_names(values: Mapping[str, Any], stage: str | None = None) -> None:
+    """ConfigError for a name that is no parameter (with a did-you-mean), or, with ``stage``, for a parameter
+    that stage does not read (naming the stages that do)."""
     for name in values:
         if name not in FIELDS:
             close = difflib.get_close_matches(name, FIELDS, n=1, cutoff=0.6)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(
                 f"Unknown parameter {name!r}.{hint} "
-                "See `papermill --help-notebook notebooks/01_eda.ipynb` or hb_utils/config.py for the list."
+                "See `papermill --help-notebook notebooks/<notebook>.ipynb` or hb_utils/config.py for the list."
             )
+    foreign = [name for name in values if name not in stage_fields(stage)]
+    if foreign:
+        users = {name: ", ".join(stages_using(name)) for name in foreign}
+        listed = "; ".join(f"{n} ({FIELDS[n].metadata['scope']} scope) is read by {u}" for n, u in users.items())
+        raise ConfigError(f"{stage} does not read {', '.join(foreign)}: {listed}. Pass it to those notebooks, or "
+                          f"run the experiment with `hb run`, which gives each notebook its own parameters "
+                          f"(`hb run params/<file>.yaml --only {stage[:2]}` runs this one).")
 
 
 def type_name(f: dataclasses.Field) -> str:

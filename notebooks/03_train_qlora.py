@@ -37,9 +37,17 @@ if importlib.util.find_spec("hb_utils") is None and "google.colab" in sys.module
 # %% tags=["parameters"]
 # Parameters (papermill: -f params/<name>.yaml, -p name value). Defaults = Experiment 1.
 # Generated from hb_utils/config.py (`python scripts/nbtools.py params`); the next cell validates them.
+# --- run: bookkeeping and kernels (same results) ---
 experiment: str = 'exp1'  # Run name: artifacts go to <output_root>/<experiment>/.
 output_root: str = 'outputs'  # Where run directories live (relative paths: to the repo root).
 overwrite: bool = False  # Replace artifacts of a different config in this run directory.
+attn_implementation: str = 'auto'  # Attention kernel: auto (the faster one per device and dtype, hb_utils.model.attention), sdpa or eager.
+logging_steps: int = 25  # Log training loss every N steps.
+report_to: str = 'none'  # Training logger: none or tensorboard (extra `tensorboard`; logs in checkpoints/runs/).
+accelerate_config: str = ''  # accelerate config YAML for num_processes > 1 (e.g. accelerate/fsdp_qlora.yaml); empty: DDP defaults.
+resume: str = 'auto'  # auto: continue from this config's newest checkpoint; never: start fresh.
+progress: bool = True  # Show progress bars (kept quiet in headless runs).
+# --- data: the split (02) ---
 dataset: str = 'lavita/MedQuAD'  # Hub dataset id, MedQuAD XML release dir, or .parquet/.jsonl/.csv file.
 dataset_split: str = 'train'  # Split of a Hub dataset to load.
 system_prompt: str = 'You are HealthBot, a knowledgeable and empathetic medical information assistant. You provide accurate, evidence-based health information to help users understand medical conditions, symptoms, and treatments. Always remind users to consult a qualified healthcare professional for personal medical advice.'  # System message of every chat record.
@@ -53,18 +61,18 @@ train_frac: float = 0.8  # Fraction of pairs for training.
 val_frac: float = 0.1  # Fraction of pairs for validation.
 test_frac: float = 0.1  # Fraction of pairs for testing.
 split_seed: int = 42  # Seed of the train/val/test split.
-split_by: str = 'question'  # What never spans two splits: question (pairs sharing a question, an answer or a near-duplicate answer), focus (also sharing a focus), or row (the original notebook's split).
+split_by: str = 'question'  # What never spans two splits: question (+ same or near-duplicate answer), focus, or row (the original's).
+# --- train: the adapter (03) ---
 model_name: str = 'TinyLlama/TinyLlama-1.1B-Chat-v1.0'  # Hub id, local model dir, or the offline alias smollm2-135m-instruct.
 max_length: int = 512  # Maximum tokens per training example.
 load_in_4bit: bool = True  # Quantize the base model to 4-bit (QLoRA).
 bnb_4bit_quant_type: str = 'nf4'  # 4-bit quantization type.
 bnb_4bit_double_quant: bool = True  # Double quantization of the 4-bit constants.
 compute_dtype: str = 'auto'  # auto (bf16 where supported, else fp16 on GPU / fp32 on CPU), bf16, fp16, fp32.
-attn_implementation: str = 'auto'  # Attention kernel: auto (SDPA, except short bf16 CPU training batches (at most 320 tokens at 1 thread, 160 at 2), which use matmul attention: faster there; fp32 always SDPA; see hb_utils.model.attention), sdpa, or eager; same results up to rounding.
 lora_r: int = 8  # LoRA rank.
 lora_alpha: int = 16  # LoRA alpha; the adapter output is scaled by alpha / r.
 lora_dropout: float = 0.05  # LoRA dropout, in [0, 1).
-fast_lora_dropout: bool = True  # On CPU, draw LoRA dropout masks 16 bits at a time (faster masks, p rounded to 2**-16, a different random stream); False: PEFT's nn.Dropout.
+fast_lora_dropout: bool = True  # On CPU, draw LoRA dropout masks 16 bits at a time (faster; p rounded to 2**-16); False: nn.Dropout.
 lora_target_modules: list[str] = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']  # Module names that get LoRA adapters.
 learning_rate: float = 0.0002  # Peak learning rate.
 batch_size: int = 2  # Per-device training batch size.
@@ -75,38 +83,21 @@ max_steps: int = -1  # Stop after this many optimizer steps (-1: run num_epochs)
 lr_scheduler: str = 'cosine'  # Learning-rate schedule (transformers name).
 warmup_ratio: float = 0.05  # Share of steps for warm-up.
 weight_decay: float = 0.001  # Weight decay.
-optim: str = 'paged_adamw_8bit'  # Optimizer (transformers name). paged_adamw_8bit: 8-bit AdamW whose states page out to CPU memory under GPU memory pressure; on a CPU bitsandbytes runs the same 8-bit AdamW unpaged (and warns so).
+optim: str = 'paged_adamw_8bit'  # Optimizer (transformers name); paged_adamw_8bit runs unpaged on a CPU.
 max_grad_norm: float = 0.3  # Gradient clipping norm.
 gradient_checkpointing: bool = True  # Recompute activations to save memory.
 group_by_length: bool = False  # Batch examples of similar length (less padding).
-logging_steps: int = 25  # Log training loss every N steps.
 eval_steps: int = 100  # Validate every N steps.
 save_steps: int = 200  # Checkpoint every N steps.
 load_best_model: bool = True  # Keep the checkpoint with the best validation loss.
 completion_only_loss: bool = True  # Loss on answer tokens only (False: original full-sequence loss).
 seed: int = 42  # Training seed.
-report_to: str = 'none'  # Training logger: none or tensorboard (needs `pip install tensorboard`; logs in checkpoints/runs/).
-num_processes: int = 1  # Training processes (data-parallel through `accelerate launch`: one per GPU, or CPU processes; docs/distributed.md). The effective batch is batch_size x grad_accum x num_processes: keep Experiment 1's 8 by lowering grad_accum to 8 / (batch_size x num_processes). Scope train: another N is another optimisation (batch, data order, per-rank RNG), so its adapter/checkpoints are never reused or resumed.
-accelerate_config: str = ''  # accelerate config YAML for num_processes > 1 (e.g. accelerate/fsdp_qlora.yaml: FSDP for models that do not fit one GPU); empty: DDP with accelerate's defaults. Same optimisation either way (only rounding differs).
-resume: str = 'auto'  # auto: continue from this config's newest checkpoint; never: start fresh.
-eval_size: "Union[int, str]" = 20  # Test questions to generate answers for (an int, or 'all').
-eval_max_new_tokens: int = 150  # New-token limit of evaluation answers (greedy).
-ppl_size: "Union[int, str]" = 50  # Test texts for perplexity (an int, or 'all').
-gen_batch_size: int = 32  # Batch size of evaluation generation (left-padded, greedy).
-ppl_batch_size: int = 8  # Batch size of the perplexity passes.
-bootstrap_samples: int = 1000  # Bootstrap resamples for confidence intervals.
-prompts: list[str] = []  # Extra prompts for 05_qualitative, besides the six standard ones.
-qual_temperature: float = 0.3  # Sampling temperature of qualitative answers.
-qual_top_p: float = 0.9  # Nucleus sampling top_p.
-qual_repetition_penalty: float = 1.15  # Repetition penalty.
-qual_max_new_tokens: int = 256  # New-token limit of qualitative answers.
-qual_seed: int = 42  # Sampling seed, so a rerun gives the same text.
-progress: bool = True  # Show progress bars (kept quiet in headless runs).
+num_processes: int = 1  # Data-parallel training processes (accelerate; docs/distributed.md); effective batch = batch x accum x N.
 
 # %% tags=["hide-input"]
 from hb_utils.runs.notebook import begin
 
-cfg = begin(globals())  # validates the parameters above (a typo fails here), shows this run vs Experiment 1
+cfg = begin(globals(), stage="03_train_qlora")  # validates the parameters above (a typo fails here), shows this run vs Experiment 1
 
 # %% [markdown]
 # ## Data, model and trainable parameters

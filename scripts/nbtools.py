@@ -3,9 +3,9 @@
     python scripts/nbtools.py params    # rewrite every parameters cell from hb_utils/config.py, then sync the pairs
 
 Why: the config class is the single source of defaults, types and help. Every stage notebook carries
-the same ``parameters`` cell (so ``papermill -f params/x.yaml`` and ``hb run`` pass every name without
-warnings and ``papermill --help-notebook`` documents them); this rewrites it in the ``.py`` half of each
-jupytext pair and lets jupytext update the ``.ipynb`` half. ``tests/test_notebooks.py`` fails on drift.
+a ``parameters`` cell with the fields of the scopes that stage reads (``hb_utils.config.STAGE_SCOPES``;
+``papermill --help-notebook`` documents them); this rewrites it in the ``.py`` half of each jupytext
+pair and lets jupytext update the ``.ipynb`` half. ``tests/test_notebooks.py`` fails on drift.
 Outputs are stripped by nbstripout (the pre-commit hook, README "Development").
 """
 
@@ -35,8 +35,8 @@ def params() -> None:
         cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
         if len(cells) != 1:
             raise SystemExit(f"{py.name}: expected one cell tagged 'parameters', found {len(cells)}")
-        if cells[0].source != parameters_cell_source():
-            cells[0].source = parameters_cell_source()
+        if cells[0].source != parameters_cell_source(py.stem):
+            cells[0].source = parameters_cell_source(py.stem)
             jupytext.write(nb, py, fmt="py:percent")
             print("rewrote the parameters cell of", py.name)
     jupytext_cli(["--sync", "--quiet", *map(str, sorted(NOTEBOOKS.glob("[0-9][0-9]_*.py")))])

@@ -57,7 +57,7 @@ def release(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def medquad() -> Path:
+def medquad_dir() -> Path:
     if not (MEDQUAD / "1_CancerGov_QA").is_dir():
         pytest.skip(f"MedQuAD XML release not found at {MEDQUAD} (integration data; see README)")
     return MEDQUAD

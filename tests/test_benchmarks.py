@@ -54,7 +54,7 @@ def test_bench_eval_arguments_take_extra_batch_sizes(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_tiny_benchmark_run_reports_both_methods(medquad, tmp_path):
+def test_tiny_benchmark_run_reports_both_methods(medquad_dir, tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, "benchmarks/bench_train.py", "--examples", "4", "--steps", "1", "--grad-accum", "1",

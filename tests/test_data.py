@@ -320,16 +320,16 @@ def test_eda_tables(release):
 
 
 @pytest.mark.integration
-def test_full_medquad_release(medquad):
+def test_full_medquad_release(medquad_dir):
     import time
 
     t = time.perf_counter()
-    df, info = medquad.load_raw(str(medquad))
+    df, info = medquad.load_raw(str(medquad_dir))
     elapsed = time.perf_counter() - t
     assert len(df) == 47_441 and info["answered"] == 16_407
     assert df["document_source"].nunique() == 12
     assert elapsed < 30, f"parsing took {elapsed:.1f}s"
-    cfg = load_config(dataset=str(medquad))
+    cfg = load_config(dataset=str(medquad_dir))
     clean, funnel = medquad.clean_and_filter(df, cfg)
     assert 13_000 < len(clean) < 14_000
     for split_by in ("question", "focus"):
@@ -361,9 +361,9 @@ def _own_overlap(held_out, train):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_experiment1_split_leaks_no_answer_by_an_independent_check(medquad):
-    df, info = medquad.load_raw(str(medquad))
-    cfg = load_config(ROOT / "params" / "exp1.yaml", dataset=str(medquad))
+def test_experiment1_split_leaks_no_answer_by_an_independent_check(medquad_dir):
+    df, info = medquad.load_raw(str(medquad_dir))
+    cfg = load_config(ROOT / "params" / "exp1.yaml", dataset=str(medquad_dir))
     for split_by in ("question", "focus", "row"):
         frames = medquad.prepare_splits(cfg.replace(split_by=split_by), write=False, raw=df, raw_info=info).frames
         assert {k: len(v) for k, v in frames.items()} == {"train": 1200, "val": 150, "test": 150}

@@ -17,7 +17,7 @@ import papermill as pm
 import pytest
 
 from hb_utils import run_dir
-from hb_utils.config import FIELDS, ExperimentConfig
+from hb_utils.config import FIELDS, ExperimentConfig, stage_fields
 from hb_utils.run_dir import RunPaths
 from hb_utils.runs.notebook import parameters_cell_source
 from hb_utils.runs.report import to_html
@@ -35,8 +35,16 @@ def test_the_series_is_there():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_parameters_cell_matches_the_config(path):
+    """Each notebook lists the fields of the scopes its stage reads (01/02: run + data, 03: + train, 04/05:
+    all), under a heading per scope, as `papermill --help-notebook` reads them."""
     params = pm.inspect_notebook(str(path))
-    assert set(params) == set(FIELDS), "run `python scripts/nbtools.py params`"
+    name = path.stem
+    expected = {"01_eda": {"run", "data"}, "02_format_split": {"run", "data"},
+                "03_train_qlora": {"run", "data", "train"}}.get(name, {"run", "data", "train", "eval"})
+    assert set(params) == {n for n, f in FIELDS.items() if f.metadata["scope"] in expected}, \
+        "run `python scripts/nbtools.py params`"
+    headings = [line for line in parameters_cell_source(name).splitlines() if line.startswith("# --- ")]
+    assert [h.split()[2].rstrip(":") for h in headings] == [s for s in ("run", "data", "train", "eval") if s in expected]
     defaults = ExperimentConfig()
     for name, info in params.items():
         assert eval(info["default"]) == getattr(defaults, name), name  # noqa: S307 - our own literal
@@ -44,9 +52,9 @@ def test_parameters_cell_matches_the_config(path):
     nb = nbformat.read(path, as_version=4)
     tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1
-    assert nb.cells[tagged[0]].source == parameters_cell_source(), "run `python scripts/nbtools.py params`"
+    assert nb.cells[tagged[0]].source == parameters_cell_source(name), "run `python scripts/nbtools.py params`"
     after = nb.cells[tagged[0] + 1]
-    assert "begin(globals())" in after.source and after.metadata.get("tags") == ["hide-input"]
+    assert f'begin(globals(), stage="{name}")' in after.source and after.metadata.get("tags") == ["hide-input"]
     assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")  # opens on its title
 
 
@@ -127,11 +135,11 @@ def error_outputs(path):
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_01_and_02_on_the_medquad_release(medquad, smoke_series):
+def test_01_and_02_on_the_medquad_release(medquad_dir, smoke_series):
     """01 and 02 as the shared smoke series ran them (headless, from the repository root; notebooks run from
     notebooks/ in the 03/04 tests) on the official release: the counts, the split, no leakage, the plots."""
     cfg, run = smoke_series.cfg, smoke_series.run
-    assert run_dir.resolve(cfg.dataset) == medquad
+    assert run_dir.resolve(cfg.dataset) == medquad_dir
     stats = json.loads(run.data_stats.read_text())
     assert stats["stamp"]["fingerprints"]["data"] == cfg.fingerprint("data")
     assert stats["raw"]["rows"] == 47_441
@@ -169,7 +177,8 @@ def test_03_from_notebooks_dir_with_the_issue_command_reuses_the_smoke_adapter(s
     on the finished smoke series (lora_r 8 is its value): the adapter is reused, not retrained, and the
     adapter reloaded from disk answers two validation questions."""
     before = json.loads((smoke_series.run.metrics / "train.json").read_text())
-    proc, out = run_notebook("03_train_qlora", tmp_path, ROOT / "notebooks", {**smoke_series.params, "lora_r": 8})
+    own = {k: v for k, v in smoke_series.params.items() if k in stage_fields("03_train_qlora")}  # -p: its own only
+    proc, out = run_notebook("03_train_qlora", tmp_path, ROOT / "notebooks", {**own, "lora_r": 8})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not error_outputs(out)
     text = stream_text(out)

@@ -177,7 +177,7 @@ def test_adapter_of_another_config_is_never_overwritten(tmp_path):
 
 
 def test_reload_check_without_validation_questions_says_what_to_change(tmp_path, monkeypatch):
-    monkeypatch.setattr(training.data, "ensure_splits", lambda cfg: {"train": [record("q", "a")], "val": []})
+    monkeypatch.setattr(training.medquad, "ensure_splits", lambda cfg: {"train": [record("q", "a")], "val": []})
     monkeypatch.setattr(loading, "load_adapter_model", lambda *a, **k: pytest.fail("nothing to answer"))
     with pytest.raises(DataError, match="validation split is empty.*sample_size or val_frac"):
         training.reload_check(small_cfg(tmp_path))

@@ -10,22 +10,27 @@ changed against Experiment 1 (:func:`hb_utils.runs.report.header_markdown`).
 from __future__ import annotations
 
 import ast
+import base64
 import dataclasses
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
+import yaml
+
 from hb_utils import quiet, run_dir
-from hb_utils.config import FIELDS, ExperimentConfig, check_names, type_name
+from hb_utils.config import FIELDS, ExperimentConfig, check_names, stage_fields, type_name
 from hb_utils.runs.report import header_markdown
 
 
-def begin(namespace: Mapping[str, Any], *, show: bool = True) -> ExperimentConfig:
+def begin(namespace: Mapping[str, Any], *, stage: str | None = None, show: bool = True) -> ExperimentConfig:
     """Validate the notebook's parameters, claim the run directory (a notebook run on its own, by papermill
     or in Jupyter, writes only where ``hb run`` would: :func:`hb_utils.run_dir.claim` refuses the filesystem
     root, the home directory and folders the kit did not make), quiet the libraries, display the run header;
-    return the config."""
-    cfg = config_from_namespace(namespace)
+    return the config. ``stage`` (``"01_eda"`` …) limits the parameters to the ones that stage reads."""
+    cfg = config_from_namespace(namespace, stage=stage)
     run_dir.claim(cfg, made_by="notebook")
     quiet.apply(progress=cfg.progress)
     if show:
@@ -72,7 +77,7 @@ def parameter_names_from_history(history: Sequence[str]) -> list[str] | None:
     return found if seen else None
 
 
-def config_from_namespace(namespace: Mapping[str, Any]) -> ExperimentConfig:
+def config_from_namespace(namespace: Mapping[str, Any], stage: str | None = None) -> ExperimentConfig:
     """Build the config from a notebook's globals after the parameters cell.
 
     Papermill injects parameters as plain assignments and only warns about names the notebook does
@@ -82,30 +87,100 @@ def config_from_namespace(namespace: Mapping[str, Any]) -> ExperimentConfig:
     candidates are the names the parameters cells that just ran assigned (read from IPython's input
     history, ``In``); the values of every known field come from the namespace. Without a history
     (a plain dict, e.g. in tests) every plain value counts as a parameter.
+
+    With ``stage``, a parameter that stage does not read is refused (naming the stages that read it),
+    except one that came only from a parameters file given to the papermill command (``-f params/x.yaml``
+    describes the whole experiment; its later stages' fields are left to them, see :func:`file_only_names`).
+    The config holds the stage's own fields; the others keep their defaults and play no part here.
     """
     history = namespace.get("In")
     names = parameter_names_from_history(history) if isinstance(history, list) else None
     if names is None:
         names = [k for k, v in namespace.items() if not k.startswith("_") and k not in _NOTEBOOK_NAMES
                  and isinstance(v, (str, int, float, bool, list, tuple, type(None)))]
-    check_names(dict.fromkeys(names))
-    return ExperimentConfig(**{k: namespace[k] for k in FIELDS if k in namespace})
+    own = stage_fields(stage)
+    foreign = [n for n in names if n in FIELDS and n not in own]
+    if foreign:
+        from_file = file_only_names(_parent_command_line())
+        names = [n for n in names if n not in foreign or n not in from_file]
+    check_names(dict.fromkeys(names), stage)
+    return ExperimentConfig(**{k: namespace[k] for k in own if k in namespace})
+
+
+def _parent_command_line() -> list[str]:
+    """The command line of the process that started this kernel (papermill's, under papermill), or []."""
+    try:
+        import psutil  # an ipykernel dependency
+
+        return psutil.Process(os.getppid()).cmdline()
+    except Exception:  # noqa: BLE001 - no parent to read: treat every parameter as given explicitly
+        return []
+
+
+def file_only_names(argv: Sequence[str]) -> set[str]:
+    """Names that a papermill command line takes only from its ``-f`` parameters files.
+
+    Under papermill the kernel sees one injected cell, whatever the source of each value, so the kernel
+    reads papermill's command line (its parent process): names given with ``-p``, ``-r``, ``-y`` or ``-b``
+    are the user's explicit choice and must belong to the stage; names only in a ``-f`` file are the rest
+    of the experiment. Empty when ``argv`` is not a papermill command (``hb run``, a Python call, Jupyter).
+    """
+    args = list(argv)
+    starts = [i for i, a in enumerate(args) if Path(a).name == "papermill" or (a == "papermill" and i
+              and args[i - 1] == "-m")]
+    if not starts:
+        return set()
+    files: set[str] = set()
+    explicit: set[str] = set()
+    i = starts[0] + 1
+    while i < len(args):
+        a = args[i]
+        if a in ("-p", "--parameters", "-r", "--parameters_raw") and i + 2 < len(args) + 1:
+            explicit.add(args[i + 1])
+            i += 3
+        elif a in ("-f", "--parameters_file", "-y", "--parameters_yaml", "-b", "--parameters_base64") \
+                and i + 1 < len(args):
+            try:
+                text = args[i + 1]
+                if a in ("-b", "--parameters_base64"):
+                    text = base64.b64decode(text).decode()
+                elif a in ("-f", "--parameters_file"):
+                    text = Path(text).read_text()
+                mapping = yaml.safe_load(text) or {}
+            except (OSError, ValueError, yaml.YAMLError):
+                mapping = {}
+            (files if a in ("-f", "--parameters_file") else explicit).update(
+                mapping if isinstance(mapping, dict) else {})
+            i += 2
+        else:
+            i += 1
+    return files - explicit
 
 
 # Names IPython/Jupyter put into a notebook's namespace that are not parameters.
 _NOTEBOOK_NAMES = {"In", "Out", "exit", "quit", "get_ipython", "open"}
 
 
-def parameters_cell_source() -> str:
-    """The canonical parameters cell: one ``name: type = default  # help`` line per field
-    (the form ``papermill --help-notebook`` documents), under :data:`PARAMETERS_HEADER`.
-    ``python scripts/nbtools.py params`` writes it into every notebook; a test fails on drift."""
+def parameters_cell_source(stage: str | None = None) -> str:
+    """The canonical parameters cell of ``stage``: under a heading per scope, one ``name: type = default  # help``
+    line per field the stage reads (the form ``papermill --help-notebook`` documents), under
+    :data:`PARAMETERS_HEADER`. ``python scripts/nbtools.py params`` writes it into every notebook; a test
+    fails on drift."""
     lines = [PARAMETERS_HEADER,
              "# Generated from hb_utils/config.py (`python scripts/nbtools.py params`); the next cell validates them."]
-    for f in fields(ExperimentConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        typ = type_name(f)
-        # papermill's parser accepts no "|" in annotations; a quoted annotation is never evaluated.
-        typ = '"Union[int, str]"' if typ == "int | str" else typ
-        lines.append(f"{f.name}: {typ} = {default!r}  # {f.metadata['help']}")
+    own = set(stage_fields(stage))
+    for scope in ("run", "data", "train", "eval"):
+        scoped = [f for f in fields(ExperimentConfig) if f.name in own and f.metadata["scope"] == scope]
+        if scoped:
+            lines.append(f"# --- {scope}: {SCOPE_TITLES[scope]} ---")
+        for f in scoped:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            typ = type_name(f)
+            # papermill's parser accepts no "|" in annotations; a quoted annotation is never evaluated.
+            typ = '"Union[int, str]"' if typ == "int | str" else typ
+            lines.append(f"{f.name}: {typ} = {default!r}  # {f.metadata['help']}")
     return "\n".join(lines)
+
+
+SCOPE_TITLES = {"run": "bookkeeping and kernels (same results)", "data": "the split (02)",
+                "train": "the adapter (03)", "eval": "evaluation (04, 05)"}

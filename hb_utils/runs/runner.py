@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hb_utils import run_dir
-from hb_utils.config import ExperimentConfig, fields_in
+from hb_utils.config import ExperimentConfig, fields_in, stage_fields
 from hb_utils.data import medquad
 from hb_utils.errors import ModelError, RunError
 from hb_utils.evaluate import reruns
@@ -170,7 +170,8 @@ def execute_stage(stage: str, cfg: ExperimentConfig, reports: Path, kernel: str 
     start = time.perf_counter()
     error = None
     try:
-        execute(notebook_path(stage), out, cfg.to_dict(), cwd=run_dir.repo_root(), kernel=kernel)
+        parameters = {k: v for k, v in cfg.to_dict().items() if k in stage_fields(stage)}  # its own only
+        execute(notebook_path(stage), out, parameters, cwd=run_dir.repo_root(), kernel=kernel)
     except PapermillExecutionError as exc:
         error = (f"{stage} failed in cell {exc.cell_index} (execution count {exc.exec_count}): "
                  f"{exc.ename}: {exc.evalue}")
