@@ -130,7 +130,7 @@ class ExperimentConfig:
                         "checkpoints/runs/).",
                         choices=("none", "tensorboard"), scope="run")
     num_processes: int = _f(1, "Data-parallel training processes (accelerate; docs/distributed.md); effective batch "
-                            "= batch x accum x N.",
+                            "is batch x accum x N.",
                             min=1, scope="train")
     accelerate_config: str = _f("", "accelerate config YAML for num_processes > 1 (e.g. accelerate/fsdp_qlora.yaml); "
                                 "empty: DDP defaults.",

@@ -92,7 +92,7 @@ save_steps: int = 200  # Checkpoint every N steps.
 load_best_model: bool = True  # Keep the checkpoint with the best validation loss.
 completion_only_loss: bool = True  # Loss on answer tokens only (False: original full-sequence loss).
 seed: int = 42  # Training seed.
-num_processes: int = 1  # Data-parallel training processes (accelerate; docs/distributed.md); effective batch = batch x accum x N.
+num_processes: int = 1  # Data-parallel training processes (accelerate; docs/distributed.md); effective batch is batch x accum x N.
 
 # %% tags=["hide-input"]
 from hb_utils.runs.notebook import begin

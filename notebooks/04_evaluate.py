@@ -97,7 +97,7 @@ save_steps: int = 200  # Checkpoint every N steps.
 load_best_model: bool = True  # Keep the checkpoint with the best validation loss.
 completion_only_loss: bool = True  # Loss on answer tokens only (False: original full-sequence loss).
 seed: int = 42  # Training seed.
-num_processes: int = 1  # Data-parallel training processes (accelerate; docs/distributed.md); effective batch = batch x accum x N.
+num_processes: int = 1  # Data-parallel training processes (accelerate; docs/distributed.md); effective batch is batch x accum x N.
 # --- eval: evaluation (04, 05) ---
 eval_size: "Union[int, str]" = 20  # Test questions to generate answers for (an int, or 'all').
 eval_max_new_tokens: int = 150  # New-token limit of evaluation answers (greedy).

@@ -38,12 +38,12 @@ def test_parameters_cell_matches_the_config(path):
     """Each notebook lists the fields of the scopes its stage reads (01/02: run + data, 03: + train, 04/05:
     all), under a heading per scope, as `papermill --help-notebook` reads them."""
     params = pm.inspect_notebook(str(path))
-    name = path.stem
+    stage = path.stem
     expected = {"01_eda": {"run", "data"}, "02_format_split": {"run", "data"},
-                "03_train_qlora": {"run", "data", "train"}}.get(name, {"run", "data", "train", "eval"})
+                "03_train_qlora": {"run", "data", "train"}}.get(stage, {"run", "data", "train", "eval"})
     assert set(params) == {n for n, f in FIELDS.items() if f.metadata["scope"] in expected}, \
         "run `python scripts/nbtools.py params`"
-    headings = [line for line in parameters_cell_source(name).splitlines() if line.startswith("# --- ")]
+    headings = [line for line in parameters_cell_source(stage).splitlines() if line.startswith("# --- ")]
     assert [h.split()[2].rstrip(":") for h in headings] == [s for s in ("run", "data", "train", "eval") if s in expected]
     defaults = ExperimentConfig()
     for name, info in params.items():
@@ -52,9 +52,9 @@ def test_parameters_cell_matches_the_config(path):
     nb = nbformat.read(path, as_version=4)
     tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1
-    assert nb.cells[tagged[0]].source == parameters_cell_source(name), "run `python scripts/nbtools.py params`"
+    assert nb.cells[tagged[0]].source == parameters_cell_source(stage), "run `python scripts/nbtools.py params`"
     after = nb.cells[tagged[0] + 1]
-    assert f'begin(globals(), stage="{name}")' in after.source and after.metadata.get("tags") == ["hide-input"]
+    assert f'begin(globals(), stage="{stage}")' in after.source and after.metadata.get("tags") == ["hide-input"]
     assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")  # opens on its title
 
 
