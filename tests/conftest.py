@@ -13,6 +13,10 @@ import pytest
 from hb_utils.config import ExperimentConfig, load_config
 from hb_utils.run_dir import RunPaths
 
+# The tiny random-Llama run and the trained smoke adapter (fixtures `tiny_run`, `trained_smoke_run`) that the
+# chat and export tests share: a plugin module, so no test imports fixtures by name.
+pytest_plugins = ["tests.tiny_runs"]
+
 ROOT = Path(__file__).resolve().parent.parent
 MEDQUAD = (ROOT.parent / "shared" / "medquad").resolve()
 
@@ -73,7 +77,7 @@ def xdist_group_of(item: pytest.Item) -> str:
     process."""
     if "smoke_series" in item.fixturenames:
         return "smoke_series"
-    if "trained_smoke_run" in item.fixturenames or item.module.__name__.endswith("test_export"):
+    if "trained_smoke_run" in item.fixturenames or item.module.__name__.startswith("tests.export."):
         return "smoke_adapter"
     return item.module.__name__
 

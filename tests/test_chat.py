@@ -1,6 +1,6 @@
 """hb_utils.chat: the gradio app, launched in-process and driven by gradio_client (and a real browser).
 
-Fast tests use the tiny random Llama run of tests/conftest_chat.py (its random LoRA changes the
+Fast tests use the tiny random Llama run of tests/tiny_runs.py (its random LoRA changes the
 answers, so Fine-tuned and Base differ); the slow ones the trained smoke adapter on SmolLM2.
 """
 
@@ -19,7 +19,7 @@ from hb_utils.errors import ModelError, RunError
 from hb_utils.export import merge
 from hb_utils.model.generation import generate_answers
 from hb_utils.run_dir import RunPaths, read_json, write_json
-from tests.conftest_chat import make_tiny_run, tiny_run, trained_smoke_run  # noqa: F401 (fixtures)
+from tests.tiny_runs import make_tiny_run
 
 QUESTION = "What are the symptoms of asthma?"
 

@@ -13,12 +13,12 @@ from hb_utils.config import ExperimentConfig
 from hb_utils.model import loading as M
 from hb_utils.model.generation import GenResult, _split_answer, build_prompt, generate_answers
 from hb_utils.model.source import load_tokenizer
-from tests import test_modeling
+from tests.model import test_loading
 
 # Shared fixtures (the lead may move them into conftest.py).
-smollm2_dir = test_modeling.smollm2_dir
-smollm2_tokenizer = test_modeling.smollm2_tokenizer
-tiny_model_dir = test_modeling.tiny_model_dir
+smollm2_dir = test_loading.smollm2_dir
+smollm2_tokenizer = test_loading.smollm2_tokenizer
+tiny_model_dir = test_loading.tiny_model_dir
 
 SYSTEM = "You are a concise medical assistant."
 QUESTIONS = ["What is a fever?", "How can I lower high blood pressure without medicine?", "Is sugar bad?",

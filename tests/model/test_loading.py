@@ -3,7 +3,7 @@ model sources: test_model_source.py; dtype policy: test_device.py).
 
 Fast tests use a tiny randomly initialised Llama saved with the real SmolLM2 tokenizer; tests that
 load the real SmolLM2 weights are marked slow. The fixtures here (smollm2_dir, smollm2_tokenizer,
-tiny_model_dir) are shared with tests/test_generation.py.
+tiny_model_dir) are shared with tests/model/test_generation.py.
 """
 
 from __future__ import annotations

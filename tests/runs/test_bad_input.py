@@ -1,4 +1,4 @@
-"""Bad input never does harm (issue 13): one table of bad and tricky inputs, each run as a user would
+"""Bad input never does harm: one table of bad and tricky inputs, each run as a user would
 (``hb run`` / ``hb compare`` through ``cli.main``, or the library call a notebook makes), with
 
 * the exit code,
@@ -10,202 +10,29 @@
 Speed: the notebooks are replaced by :func:`fake_stage`, which makes the same library calls that write
 (claim, load/clean/split, stamps, the eval-metrics rotation) without a kernel or a model, so the table
 runs in seconds; a few cases load a tokenizer and a model's config (no weights). What needs a kernel, a
-real signal or a trained adapter is in the ``slow`` tests at the end (papermill's real ``-p``, Ctrl-C,
-04 run directly on a finished run).
-"""
+real signal or a trained adapter is in slow tests elsewhere (tests/test_cli.py: papermill's real ``-p``;
+tests/runs/test_interrupt.py: Ctrl-C; tests/evaluate/test_reruns.py: 04 on a finished run)."""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import io
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import nbformat
 import pytest
 
-from hb_utils import cli, run_dir
-from hb_utils.config import ExperimentConfig, load_config
-from hb_utils.data import eda, medquad
-from hb_utils.errors import ConfigError, HBError
+from hb_utils import run_dir
+from hb_utils.config import ExperimentConfig
+from hb_utils.data import medquad
 from hb_utils.evaluate import reruns
 from hb_utils.model import loading
-from hb_utils.model.source import model_cache_root
 from hb_utils.runs import runner
-from hb_utils.runs.notebook import config_from_namespace
-from tests.conftest import ROOT, SMOKE, as_flags, write_release
-from tests.conftest import hb as hb_process
-from tests.test_runner import fixture_notebook
-
-BASE = {"experiment": "smoke", "model_name": "smollm2-135m-instruct", "sample_size": 20, "min_question_chars": 5,
-        "min_answer_chars": 5, "max_answer_words": 120, "max_length": 256, "max_steps": 4, "eval_steps": 2,
-        "save_steps": 2, "eval_size": 8}
-
-
-# --------------------------------------------------------------------------- the world a case runs in
-@dataclass
-class World:
-    """tmp_path/world: outputs/ (the output root), decoy/ (a user's files next to it), home/ ($HOME, with
-    Documents/), data/ (a synthetic release and small tables), params/base.yaml."""
-
-    root: Path
-    calls: list[str] = field(default_factory=list)  # stages fake_stage executed, in order
-
-    @property
-    def out(self) -> Path:
-        return self.root / "outputs"
-
-    @property
-    def decoy(self) -> Path:
-        return self.root / "decoy"
-
-    @property
-    def home(self) -> Path:
-        return self.root / "home"
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def params(self) -> Path:
-        return self.root / "params" / "base.yaml"
-
-    def run(self, experiment: str = "smoke") -> Path:
-        return self.out / experiment
-
-    def cfg(self, **kw) -> ExperimentConfig:
-        return load_config(self.params, **kw)
-
-    def write(self, rel: str, text: str) -> Path:
-        path = self.root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        return path
-
-
-def make_world(tmp_path: Path) -> World:
-    w = World(tmp_path / "world")
-    w.write("decoy/notes.txt", "my notes")
-    w.write("decoy/photos/cat.txt", "a cat")
-    w.write("home/Documents/letter.txt", "dear ...")
-    w.write("home/.bashrc", "export X=1")
-    w.out.mkdir(parents=True)
-    write_release(w.data / "release")
-    w.write("params/base.yaml", "\n".join(f"{k}: {json.dumps(v)}" for k, v in
-                                          {**BASE, "dataset": str(w.data / "release"), "output_root": str(w.out)}.items()))
-    return w
-
-
-def fake_stage(world: World) -> Callable:
-    """A stand-in for runner.execute_stage: what each notebook writes, through the same library calls
-    (begin's claim, medquad.load_raw / eda.write_summary, medquad.prepare_splits, the adapter and metrics stamps,
-    reruns.record_eval_rerun), without a kernel or a model. A kit error fails the stage as papermill would."""
-
-    def execute(stage: str, cfg: ExperimentConfig, reports: Path, kernel: str = "python3") -> runner.StageResult:
-        world.calls.append(stage)
-        report = reports / f"{stage}.ipynb"
-        try:
-            paths = run_dir.claim(cfg, made_by="notebook")  # notebook.begin
-            if stage == "01_eda":
-                raw, info = medquad.load_raw(cfg.dataset, cfg.dataset_split)
-                eda.write_summary(cfg, info, eda.duplicate_questions(raw))
-            elif stage == "02_format_split":
-                medquad.prepare_splits(cfg)
-            elif stage == "03_train_qlora":
-                paths.adapter.mkdir(parents=True, exist_ok=True)
-                (paths.adapter / "adapter_config.json").write_text("{}")
-                loading.write_adapter_meta(cfg, paths.adapter)
-                run_dir.write_json(paths.metrics / "train.json", {"stamp": run_dir.stamp(cfg, "train", "fake")})
-            elif stage == "04_evaluate":
-                reruns.record_eval_rerun(cfg, stage, made_by="fake 04")
-                run_dir.write_jsonl(paths.metrics / "predictions.jsonl", [{"fingerprint": cfg.fingerprint("eval")}])
-                run_dir.write_json(paths.metrics / "eval.json", {"stamp": run_dir.stamp(cfg, "eval", "fake")})
-            elif stage == "05_qualitative":
-                reruns.record_eval_rerun(cfg, stage, made_by="fake 05")
-                run_dir.write_jsonl(paths.metrics / "qualitative.jsonl", [{"fingerprint": cfg.fingerprint("eval")}])
-        except HBError as exc:
-            return runner.StageResult(stage, "failed", 0.0, None, None,
-                                      f"{stage} failed in cell 5: {type(exc).__name__}: {exc}")
-        reports.mkdir(parents=True, exist_ok=True)
-        report.write_text("{}")
-        return runner.StageResult(stage, "done", 0.0, report)
-
-    return execute
-
-
-@pytest.fixture
-def world(tmp_path, monkeypatch) -> World:
-    """A fresh world, $HOME pointed into it (caches pinned where they were, so nothing else lands there)."""
-    caches = {"HB_CACHE_DIR": str(model_cache_root()), "HF_HOME": os.environ.get("HF_HOME") or str(Path.home() / ".cache" / "huggingface"),
-              "MPLCONFIGDIR": os.environ.get("MPLCONFIGDIR") or str(Path.home() / ".config" / "matplotlib")}
-    w = make_world(tmp_path)
-    for key, value in caches.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("HOME", str(w.home))
-    monkeypatch.setenv("HB_HEADLESS", "1")
-    monkeypatch.setattr(runner, "execute_stage", fake_stage(w))
-    return w
-
-
-def hb(*args: str | Path) -> tuple[int, str]:
-    """``hb ARGS`` in this process: (exit status, stdout + stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main([str(a) for a in args])
-        except SystemExit as exc:  # argparse's usage errors
-            code = int(exc.code or 0)
-    return code, out.getvalue() + err.getvalue()
-
-
-def call(fn: Callable[[], object]) -> tuple[int, str]:
-    """A library call as a notebook makes it: (2 and the message for a kit error, else 0 and its output)."""
-    out = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out):
-            fn()
-    except HBError as exc:
-        return 2, out.getvalue() + f"{type(exc).__name__}: {exc}"
-    return 0, out.getvalue()
-
-
-def run_base(world: World, *args: str | Path) -> tuple[int, str]:
-    return hb("run", world.params, *args)
-
-
-def finished(world: World, *args: str | Path) -> None:
-    """A finished (fake) run of the base config plus ``args``."""
-    code, out = run_base(world, *args)
-    assert code == 0, out
-    world.calls.clear()
-
-
-# --------------------------------------------------------------------------- tree checksums
-def snapshot(root: Path) -> dict[str, str]:
-    """``{relative path: sha256 of the content, or 'dir'}`` of everything under ``root`` (symlinks not followed)."""
-    found = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames:
-            found[os.path.relpath(os.path.join(dirpath, name), root)] = "dir"
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            found[os.path.relpath(path, root)] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return found
-
-
-def outside(paths: set[str], allowed: tuple[str, ...]) -> list[str]:
-    return sorted(p for p in paths if not any(p == a or p.startswith(a + os.sep) for a in allowed))
+from tests.conftest import ROOT, write_release
+from tests.runs.world import World, call, finished, hb, outside, run_base, snapshot
 
 
 # --------------------------------------------------------------------------- the table
@@ -593,163 +420,3 @@ def test_bad_input(case: Case, world: World):
         assert case.check(world) is not False
 
 
-# --------------------------------------------------------------------------- item 2: hb run -p == papermill -p
-TRICKY = [
-    ("experiment", "lr_test #2"), ("system_prompt", "Answer briefly. #1 rule: be kind."),
-    ("system_prompt", "Q: what? A: this"), ("system_prompt", "line one\nline two"), ("experiment", "2024"),
-    ("experiment", "yes"), ("dataset_split", "no"), ("lr_scheduler", "null"), ("learning_rate", "2e-4"),
-    ("num_epochs", "2"), ("lora_r", "16"), ("load_in_4bit", "False"), ("eval_size", "all"),
-    ("lora_target_modules", "[q_proj, v_proj]"), ("lora_target_modules", "q_proj,v_proj"),
-    ("prompts", '["What is #2?", "a: b"]'), ("prompts", "Hi, what is a fever?"),
-]
-REFUSED = [("experiment", "1.5"), ("system_prompt", "None"), ("strip_html", "yes"), ("lora_r", "2.5")]
-
-
-def papermill_config(tmp_path: Path, flags: list[str]) -> dict:
-    """The config a notebook builds from papermill's own CLI: ``papermill --prepare-only IN OUT FLAGS`` parses
-    and injects the parameters exactly as a run does; the parameters cells are then executed in order, as the
-    kernel would, and the notebook's :func:`config_from_namespace` reads them (with the kernel's ``In``)."""
-    from click.testing import CliRunner
-    from papermill.cli import papermill as papermill_cli
-
-    src, out = tmp_path / "in.ipynb", tmp_path / "out.ipynb"
-    fixture_notebook(src, "pass")
-    result = CliRunner().invoke(papermill_cli, [str(src), str(out), "--prepare-only", *flags], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    nb = nbformat.read(out, as_version=4)
-    cells = [c.source for c in nb.cells if {"parameters", "injected-parameters"} & set(c.metadata.get("tags", []))]
-    assert len(cells) == 2
-    namespace: dict = {"In": ["", *cells]}
-    for source in cells:
-        exec(source, namespace)  # noqa: S102 - the notebook's own parameters cells
-    return config_from_namespace(namespace).to_dict()
-
-
-@pytest.mark.parametrize(("name", "value"), TRICKY, ids=[f"{n}={v!r}" for n, v in TRICKY])
-def test_hb_run_and_papermill_read_p_alike(tmp_path, name, value):
-    hb_cfg = load_config(**cli.parse_overrides([(name, value)])).to_dict()
-    assert hb_cfg == papermill_config(tmp_path, ["-p", name, value])
-    text_fields = ("experiment", "system_prompt", "dataset_split", "lr_scheduler")
-    if name in text_fields:
-        assert hb_cfg[name] == value  # faithful: the text as typed
-
-
-@pytest.mark.parametrize(("name", "value"), REFUSED, ids=[f"{n}={v!r}" for n, v in REFUSED])
-def test_hb_run_and_papermill_refuse_alike(tmp_path, name, value):
-    with pytest.raises(ConfigError, match=name):
-        load_config(**cli.parse_overrides([(name, value)]))
-    with pytest.raises(ConfigError, match=name):
-        papermill_config(tmp_path, ["-p", name, value])
-
-
-@pytest.mark.parametrize("text", ["prompts: [a, 'b: c']", "dataset_split: 2024-01-01", "{experiment: 'x #1', lora_r: 4}"])
-def test_hb_run_and_papermill_read_y_alike(tmp_path, text):
-    assert load_config(**cli.parse_overrides(yamls=[text])).to_dict() == papermill_config(tmp_path, ["-y", text])
-
-
-# --------------------------------------------------------------------------- slow: real kernels, real signals
-@pytest.mark.slow
-def test_papermill_kernel_and_hb_run_give_the_same_config(tmp_path):
-    """The real path end to end: papermill executes a notebook (a kernel) that dumps its config."""
-    values = [("experiment", "lr_test #2"), ("system_prompt", "Answer briefly. #1 rule: be kind.\nQ: what? A: this"),
-              ("dataset_split", "2024"), ("lr_scheduler", "yes"), ("learning_rate", "2e-4"),
-              ("lora_target_modules", "[q_proj, v_proj]"), ("prompts", '["What is #2?", "a: b"]')]
-    dump = tmp_path / "cfg.json"
-    fixture_notebook(tmp_path / "dump.ipynb", f"import json\nopen({str(dump)!r}, 'w').write(json.dumps(cfg.to_dict()))")
-    flags = [x for n, v in values for x in ("-p", n, v)]
-    proc = subprocess.run([sys.executable, "-m", "papermill", str(tmp_path / "dump.ipynb"), str(tmp_path / "o.ipynb"),
-                           *flags], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(dump.read_text()) == load_config(**cli.parse_overrides(values)).to_dict()
-
-
-DRIVER = """
-import signal, sys
-signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's Ctrl-C, even when started in the background
-sys.path.insert(0, {root!r})
-from pathlib import Path
-from hb_utils import cli
-from hb_utils.runs import runner
-from tests.test_runner import fixture_notebook
-nbs = Path({nbs!r}); nbs.mkdir()
-fixture_notebook(nbs / "01_a.ipynb", "print('a')")
-fixture_notebook(nbs / "02_b.ipynb", "import time\\nprint('sleeping', flush=True)\\ntime.sleep(120)")
-runner.STAGES = ["01_a", "02_b"]
-runner.notebook_path = lambda s: nbs / f"{{s}}.ipynb"
-sys.exit(cli.main(sys.argv[1:]))
-"""
-
-
-@pytest.mark.slow
-def test_ctrl_c_prints_one_line_and_marks_the_stage(tmp_path):
-    """SIGINT to the process group of `hb run` (what Ctrl-C in a terminal sends) while a notebook runs."""
-    import time
-
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER.format(root=str(ROOT), nbs=str(tmp_path / "nbs")))
-    out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, str(driver), "run", str(ROOT / "params" / "smoke.yaml"), "-p", "output_root",
-                             str(out), "-p", "dataset", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, env={**os.environ, "HB_HEADLESS": "1"})
-    conf = out / "smoke" / "config.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (conf.is_file() and "02_b" in json.loads(conf.read_text())["stages"]):
-        time.sleep(0.5)
-    time.sleep(5)  # the kernel of 02_b is busy in its cell
-    os.killpg(proc.pid, signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stdout + stderr
-    assert stderr.strip().splitlines() == ["interrupted during 02_b; rerun the same command to resume."], stderr
-    assert "Traceback" not in stdout + stderr
-    assert json.loads(conf.read_text())["stages"]["02_b"]["status"] == "interrupted"
-
-
-@pytest.fixture(scope="module")
-def evaluable_run(tmp_path_factory) -> tuple[Path, dict]:
-    """A run whose stages 01-03 are done, with a real (untrained: LoRA B = 0) adapter of the offline SmolLM2
-    and metrics of its config from an earlier 04/05 (stamped stand-ins): enough for real 04 runs, without the
-    minutes of training."""
-    from peft import get_peft_model
-
-    from hb_utils.model.source import load_tokenizer
-
-    root = tmp_path_factory.mktemp("evaluable")
-    params = {**BASE, "dataset": str(write_release(root / "release", n_docs=30)), "output_root": str(root / "outputs"),
-              "sample_size": 40, "eval_size": 2, "ppl_size": 2, "eval_max_new_tokens": 8, "gen_batch_size": 2,
-              "bootstrap_samples": 20}
-    cfg = load_config(SMOKE, **params)  # the file and flags `hb run` gets below
-    world = World(root)
-    state = runner.open_run(cfg)
-    for stage in ("01_eda", "02_format_split", "04_evaluate", "05_qualitative"):
-        fake_stage(world)(stage, cfg, run_dir.RunPaths.for_config(cfg).reports)
-    paths = run_dir.RunPaths.for_config(cfg)
-    model = get_peft_model(loading.load_base_model(cfg, for_training=True), loading.lora_config(cfg))
-    model.save_pretrained(paths.adapter)
-    load_tokenizer(cfg.model_name).save_pretrained(paths.adapter)
-    loading.write_adapter_meta(cfg, paths.adapter)
-    run_dir.write_json(paths.metrics / "train.json", {"stamp": run_dir.stamp(cfg, "train", "test")})
-    for stage in runner.STAGES:
-        state.set_stage(stage, {"status": "done"})
-    return root, params
-
-
-@pytest.mark.slow
-def test_eval_reruns_on_a_finished_run_keep_the_recorded_metrics(evaluable_run):
-    """Issue 13, item 3, with real kernels: `hb run -p eval_size 3 --only 04` on a finished run reruns 04 on the
-    same adapter (03's files untouched) and keeps the previous metrics and report aside. (04 run directly with
-    papermill and other eval parameters: tests/test_eval_notebooks.py::test_04_runs_alone_from_notebooks_dir.)"""
-    root, params = evaluable_run
-    first = load_config(SMOKE, **params)
-    run = run_dir.RunPaths.for_config(first)
-    adapter_before, train_before = snapshot(run.adapter), (run.metrics / "train.json").read_bytes()
-    proc = hb_process("run", str(SMOKE), *as_flags({**params, "eval_size": 3}), "--only", "04")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "evaluation parameters changed (eval_size: 2 -> 3): the adapter is reused and 04/05 rerun" in proc.stdout
-    assert snapshot(run.adapter) == adapter_before and (run.metrics / "train.json").read_bytes() == train_before
-    kept = run.metrics / "previous" / first.fingerprint("eval")
-    assert json.loads((kept / "eval.json").read_text())["stamp"]["params"]["eval_size"] == 2
-    assert (kept / "04_evaluate.ipynb").is_file() and (kept / "qualitative.jsonl").is_file()
-    conf = json.loads(run.config_json.read_text())
-    assert conf["config"]["eval_size"] == 3 and conf["stages"]["04_evaluate"]["status"] == "done"
-    assert conf["stages"]["05_qualitative"]["status"] == "stale"
-    assert json.loads((run.metrics / "eval.json").read_text())["settings"]["eval_examples"] == 3

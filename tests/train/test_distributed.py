@@ -20,7 +20,7 @@ from hb_utils.errors import ConfigError, RunError
 from hb_utils.model import loading
 from hb_utils.run_dir import RunPaths, read_json, write_json
 from hb_utils.train import distributed, multinode, training
-from tests.test_training import small_cfg
+from tests.train.test_training import small_cfg
 
 
 # --------------------------------------------------------------------------- fast

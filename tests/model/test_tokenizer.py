@@ -23,11 +23,11 @@ from hb_utils.evaluate.perplexity import tokenize_for_perplexity
 from hb_utils.model import tokenizer as T
 from hb_utils.model.generation import generate_answers
 from hb_utils.model.source import load_tokenizer
-from tests import test_modeling
+from tests.model import test_loading
 
 # Shared fixtures (the lead may move them into conftest.py).
-smollm2_dir = test_modeling.smollm2_dir
-smollm2_tokenizer = test_modeling.smollm2_tokenizer
+smollm2_dir = test_loading.smollm2_dir
+smollm2_tokenizer = test_loading.smollm2_tokenizer
 
 SYSTEM = "You are HealthBot."
 QA = [("What is asthma?", "Asthma is a chronic disease of the airways."),

@@ -1,4 +1,4 @@
-"""Run directories for the chat and export tests (imported by tests/test_chat.py and tests/test_export.py).
+"""Run directories for the chat and export tests (imported by tests/test_chat.py and tests/export/test_export.py).
 
 * ``tiny_run``: a run of a tiny random Llama (2 layers, hidden 64, the real SmolLM2 tokenizer) with a
   LoRA adapter whose B matrices are random (so it changes the output) and the adapter meta training

@@ -165,11 +165,11 @@ def test_shared_prefix_through_a_peft_model_and_with_the_adapter_disabled(tiny):
 # --------------------------------------------------------------------------- the trained tokens (issue 12)
 
 def test_scored_tokens_are_the_tokens_trl_trains_on_sentencepiece(tmp_path):
-    """TinyLlama-style SentencePiece tokenizer (built offline, tests/test_tokenizer.py): the answer tokens
+    """TinyLlama-style SentencePiece tokenizer (built offline, tests/model/test_tokenizer.py): the answer tokens
     perplexity scores are exactly the supervised tokens of TRL's own training batch, and their NLL is the
     loss the trainer's model computes on that batch."""
     from hb_utils.model.tokenizer import configure_tokenizer
-    from tests.test_tokenizer import llama_tokenizer, real_rows, trl_batch
+    from tests.model.test_tokenizer import llama_tokenizer, real_rows, trl_batch
 
     tok = configure_tokenizer(llama_tokenizer())
     convs = [_conv("What is asthma?", "Asthma is a chronic disease of the airways."), _conv("Hi", "Hello.")]

@@ -16,7 +16,7 @@ from hb_utils.evaluate import evaluation, qualitative
 from hb_utils.model.generation import GenResult
 from hb_utils.run_dir import RunPaths, read_json, read_jsonl
 from tests.conftest import ROOT
-from tests.test_notebooks import error_outputs, run_notebook
+from tests.runs.test_notebooks import error_outputs, run_notebook
 
 SMOKE = ROOT / "params" / "smoke.yaml"
 

@@ -1,6 +1,6 @@
 """hb_utils.export.merge / gguf_export / model_card: merged model, both merge modes measured, GGUF round trip, refusals.
 
-Fast tests run the whole export on a tiny random Llama with a random adapter (tests/conftest_chat.py);
+Fast tests run the whole export on a tiny random Llama with a random adapter (tests/tiny_runs.py);
 the slow ones export the session's trained smoke adapter on the real SmolLM2.
 """
 
@@ -19,7 +19,7 @@ from hb_utils.errors import ModelError, RunError
 from hb_utils.export import gguf_file, merge
 from hb_utils.model import loading
 from hb_utils.run_dir import RunPaths, read_json, write_json
-from tests.conftest_chat import make_tiny_run, tiny_run, trained_smoke_run  # noqa: F401 (fixtures)
+from tests.tiny_runs import make_tiny_run
 
 
 @pytest.fixture(scope="module")
