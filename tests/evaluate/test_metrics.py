@@ -108,7 +108,7 @@ def test_compare_systems_covers_every_metric():
 def _labelled_advice():
     """tests/data/advice_sentences.txt: label<TAB>sentence, 1 = advises seeing a professional."""
     rows = []
-    for line in (Path(__file__).parent / "data" / "advice_sentences.txt").read_text().splitlines():
+    for line in (Path(__file__).parents[1] / "data" / "advice_sentences.txt").read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             label, sentence = line.split("\t")
             rows.append((sentence, label == "1"))
