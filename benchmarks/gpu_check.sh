@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of the kit, in one command, under 8 minutes on one GPU (issue 15). Prints and writes figures:
+# GPU check of the kit, in one command, under 8 minutes on one GPU. Prints and writes figures:
 #   1. the smoke series 01 -> 05 on CUDA: 4-bit NF4, bf16 compute, paged AdamW 8-bit (params/smoke.yaml);
 #   2. an Experiment-1-sized training run (1,500 MedQuAD pairs, Experiment 1's hyperparameters, one epoch)
 #      with SmolLM2 (the one model available offline; TinyLlama needs the Hub): peak GPU memory, tokens/s;

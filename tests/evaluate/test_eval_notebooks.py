@@ -135,7 +135,7 @@ def test_04_runs_alone_from_notebooks_dir(smoke_series, tmp_path):
     result = read_json(RunPaths.for_config(cfg).metrics / "eval.json")
     assert result["settings"]["eval_examples"] == 2
     # Other eval parameters than config.json records: the recorded config's metrics are kept aside, not
-    # silently replaced, and config.json now says what the metrics are (issue 13).
+    # silently replaced, and config.json now says what the metrics are.
     run = RunPaths.for_config(cfg)
     kept = run.metrics / "previous" / smoke_series.cfg.fingerprint("eval")
     assert read_json(kept / "eval.json")["stamp"]["params"]["eval_size"] == smoke_series.cfg.eval_size

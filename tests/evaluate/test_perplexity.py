@@ -162,7 +162,7 @@ def test_shared_prefix_through_a_peft_model_and_with_the_adapter_disabled(tiny):
     assert not np.allclose(adapted["full_nll"], base["full_nll"])  # the adapter does change the scores
 
 
-# --------------------------------------------------------------------------- the trained tokens (issue 12)
+# --------------------------------------------------------------------------- the trained tokens
 
 def test_scored_tokens_are_the_tokens_trl_trains_on_sentencepiece(tmp_path):
     """TinyLlama-style SentencePiece tokenizer (built offline, tests/model/test_tokenizer.py): the answer tokens
