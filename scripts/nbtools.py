@@ -5,7 +5,7 @@
 Why: the config class is the single source of defaults, types and help. Every stage notebook carries
 a ``parameters`` cell with the fields of the scopes that stage reads (``hb_utils.config.STAGE_SCOPES``;
 ``papermill --help-notebook`` documents them); this rewrites it in the ``.py`` half of each jupytext
-pair and lets jupytext update the ``.ipynb`` half. ``tests/test_notebooks.py`` fails on drift.
+pair and lets jupytext update the ``.ipynb`` half. ``tests/runs/test_notebooks.py`` fails on drift.
 Outputs are stripped by nbstripout (the pre-commit hook, README "Development").
 """
 

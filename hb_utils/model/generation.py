@@ -9,7 +9,7 @@ are batched with LEFT padding (a decoder-only
 model continues from the last position, so padding must not sit between prompt and answer), only
 the new tokens are decoded, and generation stops at the template's end-of-turn token.
 
-Batched greedy output equals one-at-a-time greedy output in fp32 (``tests/test_generation.py``
+Batched greedy output equals one-at-a-time greedy output in fp32 (``tests/model/test_generation.py``
 checks it on the real SmolLM2, plain and 4-bit). Why it holds: the attention mask hides the left
 padding, and ``generate`` derives ``position_ids`` from the attention mask (cumsum - 1), so a padded
 prompt sees the same positions as an unpadded one. What we measured on SmolLM2 (last-token logits

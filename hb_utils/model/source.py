@@ -7,7 +7,7 @@ directory in a cache, written atomically, so later loads take seconds. transform
 ``save_pretrained`` on a GGUF-loaded model (its GGUF quantizer is not serializable, and it has no
 ``dequantize``), so the conversion copies the already dequantized weights into a fresh model built from
 the same config (minus the GGUF ``quantization_config``) and saves *that* with the normal
-``save_pretrained``. ``tests/test_modeling.py`` checks the cached model gives the same logits as the
+``save_pretrained``. ``tests/model/test_loading.py`` checks the cached model gives the same logits as the
 GGUF load. The conversion prints one line instead of transformers' 27-line progress bar.
 """
 
