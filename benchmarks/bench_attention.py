@@ -4,10 +4,10 @@
     python benchmarks/bench_attention.py --heads 32 --kv-heads 4 --lengths 128,256,512   # TinyLlama's heads
 
 This is where ``hb_utils.model.attention.matmul_max_keys`` comes from: ``attn_implementation: auto`` uses
-matmul attention for CPU training calls up to that many keys (per compute dtype, at the current thread count), because PyTorch's fused CPU attention
-has a slow backward for short sequences. Both functions are the ones a model calls (transformers'
-``sdpa_attention_forward`` and ``hb_utils.model.attention.matmul_attention``) with a right-padded boolean
-mask as the trainer's batches make it. Prints the median of ``--repeats`` timings and the ratio.
+matmul attention for CPU training calls up to that many keys (per compute dtype, at the current thread count),
+because PyTorch's fused CPU attention has a slow backward for short sequences. Both functions are the ones a
+model calls (transformers' ``sdpa_attention_forward`` and ``hb_utils.model.attention.matmul_attention``) with
+a right-padded boolean mask as the trainer's batches make it. Prints the median of ``--repeats`` timings and the ratio.
 """
 
 from __future__ import annotations

@@ -55,7 +55,8 @@ def variant_config(base, processes: int, effective_batch: int, out: str, name: s
     """The same recipe for either variant: only num_processes and grad_accum differ (same effective batch)."""
     per_step = base.batch_size * processes
     if effective_batch % per_step:
-        raise SystemExit(f"--effective-batch {effective_batch} is not a multiple of batch_size x processes ({per_step})")
+        raise SystemExit(f"--effective-batch {effective_batch} is not a multiple of "
+                         f"batch_size x processes ({per_step})")
     return base.replace(num_processes=processes, grad_accum=effective_batch // per_step, output_root=out,
                         experiment=f"bench_ddp_{name}")
 
@@ -69,7 +70,8 @@ def run_variant(cfg, threads: int) -> dict:
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg.to_dict())], env=env, cwd=ROOT,
                           capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"variant with {cfg.num_processes} processes failed:\n{proc.stderr[-3000:]}\n{proc.stdout[-2000:]}")
+        raise SystemExit(f"variant with {cfg.num_processes} processes failed:\n"
+                         f"{proc.stderr[-3000:]}\n{proc.stdout[-2000:]}")
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
     metrics = json.loads(line[len("RESULT "):])
     examples = metrics["global_step"] * metrics["effective_batch_size"]

@@ -120,7 +120,8 @@ def bench_generation(cfg, chosen, repeats: int, sizes: list[int] = ()) -> None:
     tokens = sum(r.n_new_tokens for r in batched)
     print(f"            {tokens} new tokens; stopped by themselves: {sum(r.stopped for r in batched)}/{len(batched)}")
     # useful matmul work: every prompt token once (prefill) and every new token (decode), 2 FLOP per weight
-    worked = 2 * machine.matmul_params(model) * (sum(len(prompt_ids(tokenizer, q, cfg.system_prompt)) for q in questions) + tokens)
+    prompt_tokens = sum(len(prompt_ids(tokenizer, q, cfg.system_prompt)) for q in questions)
+    worked = 2 * machine.matmul_params(model) * (prompt_tokens + tokens)
     print(f"            achieved: batched {machine.share(worked, t_batch, RATES['fp32'])}, one at a time "
           f"{machine.share(worked, t_loop, RATES['fp32'])} (fp32 GEMM {RATES['fp32']} GFLOP/s)")
     for size in sizes:  # the per-class choice of gen_batch_size

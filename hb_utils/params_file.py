@@ -58,5 +58,6 @@ def read_params_file(path: str | Path) -> dict[str, Any]:
     """Read a flat YAML parameter file (the same file papermill takes with ``-f``)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"Parameter file {str(path)!r} does not exist. Pass a file from params/, e.g. params/smoke.yaml.")
+        raise ConfigError(f"Parameter file {str(path)!r} does not exist. "
+                          "Pass a file from params/, e.g. params/smoke.yaml.")
     return parse_params_yaml(path.read_text(), f"Parameter file {str(path)!r}")

@@ -72,7 +72,8 @@ def check_output_root(output_root: str | os.PathLike[str], name: str = "output_r
         raise ConfigError(f"{name} {str(output_root)!r} is the filesystem root ({root}); runs are never written "
                           f"there. {fix}")
     if root == home or root in home.parents:
-        raise ConfigError(f"{name} {str(output_root)!r} is {'your home directory' if root == home else 'a parent of your home directory'} "
+        raise ConfigError(f"{name} {str(output_root)!r} is "
+                          f"{'your home directory' if root == home else 'a parent of your home directory'} "
                           f"({root}); runs are never written there, beside your own folders. {fix}")
     probe = root
     while not probe.exists() and probe != probe.parent:

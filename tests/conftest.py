@@ -32,7 +32,8 @@ XML_DOC = """<?xml version="1.0" encoding="UTF-8"?>
 </QAPairs>
 </Document>
 """
-XML_PAIR = """<QAPair pid="{pid}"><Question qid="{doc}-{pid}" qtype="{qtype}">{question}</Question><Answer>{answer}</Answer></QAPair>"""
+XML_PAIR = ("""<QAPair pid="{pid}"><Question qid="{doc}-{pid}" qtype="{qtype}">{question}</Question>"""
+            """<Answer>{answer}</Answer></QAPair>""")
 
 
 def write_release(root: Path, n_docs: int = 12, pairs_per_doc: int = 4, dup_every: int = 5) -> Path:

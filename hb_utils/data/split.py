@@ -137,8 +137,9 @@ def _lsh_candidates(matrix: Any) -> tuple[np.ndarray, np.ndarray]:
     if not len(u_arr):
         return u_arr, v_arr
     signatures = np.vstack([m.hashvalues for m in minhashes])
-    estimate = np.concatenate([(signatures[u_arr[i:i + _VERIFY_CHUNK]] == signatures[v_arr[i:i + _VERIFY_CHUNK]]).mean(1)
-                               for i in range(0, len(u_arr), _VERIFY_CHUNK)])  # MinHash.jaccard, vectorized
+    estimate = np.concatenate([  # MinHash.jaccard, vectorized
+        (signatures[u_arr[i:i + _VERIFY_CHUNK]] == signatures[v_arr[i:i + _VERIFY_CHUNK]]).mean(1)
+        for i in range(0, len(u_arr), _VERIFY_CHUNK)])
     order = np.argsort(-estimate, kind="stable")
     order = order[estimate[order] >= _LSH_MIN_ESTIMATE]
     return u_arr[order], v_arr[order]

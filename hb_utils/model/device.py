@@ -2,8 +2,8 @@
 
 Why: a figure means little without the machine under it. The same smoke series runs several times
 slower on an AVX2-only CPU than on one with bf16 units (AMX / AVX-512-BF16; ``benchmarks/README.md``),
-and ``compute_dtype: auto`` picks a different dtype on each. Run records (``config.json``), training metrics, reports and benchmarks all
-take their facts from here, so they cannot disagree, and the package list is written once.
+and ``compute_dtype: auto`` picks a different dtype on each. Run records (``config.json``), training metrics,
+reports and benchmarks all take their facts from here, so they cannot disagree, and the package list is written once.
 """
 
 from __future__ import annotations

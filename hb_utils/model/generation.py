@@ -24,8 +24,9 @@ invariance needs fp32 (``compute_dtype: fp32``); in bf16/fp16 batched answers ar
 greedy answers of a numerically slightly different run. 4-bit models on CPU had the same bf16
 effect even with compute_dtype fp32: on AVX512-BF16 CPUs bitsandbytes switches eval-mode 4-bit
 layers to a fused kernel that computes in bf16; ``modeling.load_base_model`` turns that path off
-(see ``modeling.use_dequantize_matmul_path``), and then 4-bit greedy decoding is batch-invariant too. Prompts are sorted by length before
-batching (less padding: faster, and fewer such flips); results come back in input order.
+(see ``modeling.use_dequantize_matmul_path``), and then 4-bit greedy decoding is batch-invariant too.
+Prompts are sorted by length before batching (less padding: faster, and fewer such flips); results come
+back in input order.
 Sampling is made repeatable by seeding before every batch (``transformers.set_seed``).
 """
 

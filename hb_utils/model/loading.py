@@ -119,7 +119,8 @@ def check_lora_targets(cfg: ExperimentConfig, names: dict[str, str] | None = Non
     if bad:
         raise ConfigError(f"lora_target_modules: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not among the "
                           f"layers of {cfg.model_name}. Its layers LoRA can adapt: {', '.join(linear)} "
-                          f"(e.g. -p lora_target_modules {','.join(n for n in LORA_TARGETS if n in linear) or linear[0]}).")
+                          f"(e.g. -p lora_target_modules "
+                          f"{','.join(n for n in LORA_TARGETS if n in linear) or linear[0]}).")
 
 
 # Module classes PEFT's LoRA can wrap (peft.tuners.lora.layer: Linear, Embedding, Conv*, and bitsandbytes' Linear4bit

@@ -112,8 +112,10 @@ def header_markdown(cfg: ExperimentConfig) -> str:
     fps = ", ".join(f"{k} `{v}`" for k, v in cfg.fingerprints().items())
     dev = device.summary()
     cpu = dev["cpu"]
-    where = dev.get("gpu") or f"CPU {cpu['model']} ({cpu['cores']} cores, {'native bf16' if cpu['native_bf16'] else 'no bf16 units'})"
+    where = dev.get("gpu") or (f"CPU {cpu['model']} ({cpu['cores']} cores, "
+                               f"{'native bf16' if cpu['native_bf16'] else 'no bf16 units'})")
     lines += ["| | |", "|---|---|", f"| fingerprints | {fps} |"]
     lines += [f"| {k} | {v} |" for k, v in sources(cfg).items()]
-    lines.append(f"| device | {where}; compute dtype {device.dtype_name(device.resolve_compute_dtype(cfg.compute_dtype))} |")
+    lines.append(f"| device | {where}; compute dtype "
+                 f"{device.dtype_name(device.resolve_compute_dtype(cfg.compute_dtype))} |")
     return "\n".join(lines) + "\n"

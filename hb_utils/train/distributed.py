@@ -165,7 +165,8 @@ class RankFailure:
 
 def launch(cfg: ExperimentConfig, resume_from: str | None, *, worker: str = WORKER_MODULE,
            echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train ``cfg`` (from checkpoint ``resume_from``, or from scratch) on ``cfg.num_processes`` processes; stream rank 0's lines; return train.json's metrics.
+    """Train ``cfg`` (from checkpoint ``resume_from``, or from scratch) on ``cfg.num_processes`` processes;
+    stream rank 0's lines; return train.json's metrics.
 
     A failing rank stops the run (torchrun ends the others) and raises the rank's own error type
     (RunError for a crash or a kill) with the tail of its output. Checkpoints stay as written, so the
@@ -233,7 +234,8 @@ def diagnose(log_dir: Path, num_processes: int, launcher_stderr: str, rank0_outp
     if reports and (killed_rank is None or exit_code is None or exit_code > 0):
         first = run_dir.read_json(reports[0])
         r = int(first["rank"])
-        return RankFailure(r, exit_code, first.get("type"), first.get("message", ""), _rank_tail(log_dir, r, rank0_output))
+        return RankFailure(r, exit_code, first.get("type"), first.get("message", ""),
+                           _rank_tail(log_dir, r, rank0_output))
     if killed_rank is not None:
         how = f"killed by signal {-exit_code}" if exit_code is not None and exit_code < 0 else f"exit code {exit_code}"
         tail = _rank_tail(log_dir, killed_rank, rank0_output) or _early_stderr(launcher_stderr)

@@ -192,7 +192,8 @@ def describe(run: TrainRun) -> str:
         f"trainable parameters: {p['trainable']:,} of {p['total']:,} ({p['trainable_pct']:.3f}%)",
         f"compute dtype: {run.compute_dtype}; optimizer: {run.cfg.optim}; effective batch: {effective_batch(cfg)}"
         + (f" ({cfg.batch_size} x {cfg.grad_accum} x {cfg.num_processes} processes)" if cfg.num_processes > 1 else ""),
-        f"loss on: {'the answer + end-of-turn token only' if run.cfg.completion_only_loss else 'the whole text (original)'}",
+        "loss on: "
+        f"{'the answer + end-of-turn token only' if run.cfg.completion_only_loss else 'the whole text (original)'}",
         f"resume from: {run.resume_from or 'nothing (fresh start)'}",
     ]
     return "\n".join(lines)
@@ -209,7 +210,8 @@ def example_view(run: TrainRun, index: int = 0) -> str:
         return "(multi-process run: rank 0 prints training example 0 when training starts)"
     ex = run.trainer.train_dataset[index]
     batch = run.trainer.data_collator([ex])
-    return mark_supervised(run.tokenizer, batch["input_ids"][0], batch["labels"][0], batch.get("attention_mask", [None])[0])
+    return mark_supervised(run.tokenizer, batch["input_ids"][0], batch["labels"][0],
+                           batch.get("attention_mask", [None])[0])
 
 
 def fit(run: TrainRun) -> dict[str, Any]:

@@ -47,9 +47,10 @@ def evaluable_run(tmp_path_factory) -> tuple[Path, dict]:
 
 @pytest.mark.slow
 def test_eval_reruns_on_a_finished_run_keep_the_recorded_metrics(evaluable_run):
-    """Issue 13, item 3, with real kernels: `hb run -p eval_size 3 --only 04` on a finished run reruns 04 on the
-    same adapter (03's files untouched) and keeps the previous metrics and report aside. (04 run directly with
-    papermill and other eval parameters: tests/evaluate/test_eval_notebooks.py::test_04_runs_alone_from_notebooks_dir.)"""
+    """Scope-aware rerun with real kernels: `hb run -p eval_size 3 --only 04` on a finished run reruns 04 on
+    the same adapter (03's files untouched) and keeps the previous metrics and report aside. (04 run directly
+    with papermill and other eval parameters:
+    tests/evaluate/test_eval_notebooks.py::test_04_runs_alone_from_notebooks_dir.)"""
     root, params = evaluable_run
     first = load_config(SMOKE, **params)
     run = run_dir.RunPaths.for_config(first)

@@ -43,7 +43,8 @@ def matmul_calls(monkeypatch):
     real = attention.matmul_attention
     monkeypatch.setitem(attention.MATMUL_MAX_KEYS_ONE_THREAD, torch.float64,
                         attention.MATMUL_MAX_KEYS_ONE_THREAD[torch.bfloat16])
-    monkeypatch.setattr(attention, "matmul_attention", lambda *a, **kw: calls.append(tuple(a[1].shape)) or real(*a, **kw))
+    monkeypatch.setattr(attention, "matmul_attention",
+                        lambda *a, **kw: calls.append(tuple(a[1].shape)) or real(*a, **kw))
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield calls

@@ -67,7 +67,8 @@ def test_gradient_uses_the_forward_mask():
 
 def test_other_devices_use_torch_dropout(monkeypatch):
     calls = []
-    monkeypatch.setattr("hb_utils.model.lora_dropout.F.dropout", lambda x, p, training: calls.append((p, training)) or x)
+    monkeypatch.setattr("hb_utils.model.lora_dropout.F.dropout",
+                        lambda x, p, training: calls.append((p, training)) or x)
     x = torch.empty(4, 4, device="meta")
     assert FastDropout(0.05)(x) is x and calls == [(0.05, True)]
 

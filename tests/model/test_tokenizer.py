@@ -25,7 +25,7 @@ from hb_utils.model.generation import generate_answers
 from hb_utils.model.source import load_tokenizer
 from tests.model import test_loading
 
-# Shared fixtures (the lead may move them into conftest.py).
+# Fixtures shared with tests/model/test_loading.py.
 smollm2_dir = test_loading.smollm2_dir
 smollm2_tokenizer = test_loading.smollm2_tokenizer
 
@@ -114,7 +114,8 @@ def test_adds_bos_reads_what_the_tokenizer_does_not_its_flag():
 
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.Metaspace()
-    bpe.train_from_iterator(["a fever"] * 3, trainers.BpeTrainer(vocab_size=40, special_tokens=["<unk>", "<s>", "</s>"]))
+    bpe.train_from_iterator(["a fever"] * 3,
+                            trainers.BpeTrainer(vocab_size=40, special_tokens=["<unk>", "<s>", "</s>"]))
     bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
     assert tok.add_bos_token is False and tok("a")["input_ids"][0] == tok.bos_token_id
@@ -192,18 +193,18 @@ def test_exactly_one_bos_in_training_batch_generation_prompt_and_perplexity_inpu
         assert gen == prompt  # generation is prompted with exactly the tokens training put before an answer
 
 
-# --------------------------------------------------------------------------- SmolLM2: nothing changes
+# --------------------------------------------------------------------------- SmolLM2: no bos added, text and ids agree
 
-def _today(tokenizer, messages):
-    """How perplexity tokenized before (prompt and answer text separately), which for SmolLM2 is also
-    what generation fed the model (the rendered prompt text, add_special_tokens=False)."""
+def _by_rendered_text(tokenizer, messages):
+    """Prompt and answer tokenized as separate rendered texts (add_special_tokens=False), which for SmolLM2
+    is also what generation feeds the model: the message encoding must give the same ids."""
     prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     return p + tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"], len(p)
 
 
-def test_smollm2_is_left_as_it_was(smollm2_dir, smollm2_tokenizer, tmp_path):
+def test_smollm2_gets_no_bos_and_encodes_as_its_rendered_text(smollm2_dir, smollm2_tokenizer, tmp_path):
     from transformers import AutoTokenizer
 
     raw = AutoTokenizer.from_pretrained(smollm2_dir)
@@ -212,7 +213,7 @@ def test_smollm2_is_left_as_it_was(smollm2_dir, smollm2_tokenizer, tmp_path):
     assert tok.chat_template == raw.chat_template
     convs = [*CONVS, conv("Q without system", "A.")[1:], conv("Ünïcode ✓ and <b>tags</b>?", "Yes: ✓.")]
     for c in convs:
-        assert tokenize_for_perplexity(tok, c) == _today(tok, c)
+        assert tokenize_for_perplexity(tok, c) == _by_rendered_text(tok, c)
         prompt_text = tok.apply_chat_template(c[:-1], tokenize=False, add_generation_prompt=True)
         assert T.encode_chat(tok, c[:-1], add_generation_prompt=True) == tok(prompt_text,
                                                                             add_special_tokens=False)["input_ids"]
@@ -227,7 +228,8 @@ def test_smollm2_is_left_as_it_was(smollm2_dir, smollm2_tokenizer, tmp_path):
 
 def test_completion_starts_where_prompt_and_conversation_diverge_as_in_trl(tmp_path):
     """A template that renders the prompt alone differently (text after the generation prompt that the full
-    conversation does not have, like an empty thought block): like TRL, the answer starts at the first differing token."""
+    conversation does not have, like an empty thought block): like TRL, the answer starts at the first
+    differing token."""
     raw = llama_tokenizer()
     raw.chat_template = T.ZEPHYR_TEMPLATE.replace("{{ '<|assistant|>\n' }}", "{{ '<|assistant|>\nRest.' }}")
     assert raw.chat_template != T.ZEPHYR_TEMPLATE
@@ -258,7 +260,8 @@ def test_smollm2_tokenizer_pad_eos_and_template(smollm2_tokenizer):
     assert T.stop_token_ids(tok) == [tok.convert_tokens_to_ids("<|im_end|>")]
     text = tok.apply_chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
                                     {"role": "assistant", "content": "A"}], tokenize=False)
-    assert text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n"
+    assert text == ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n"
+                    "<|im_start|>assistant\nA<|im_end|>\n")
     assert tok.model_max_length == 8192
 
 

@@ -15,7 +15,8 @@ from tests.runs.world import World, fake_stage, make_world
 @pytest.fixture
 def world(tmp_path, monkeypatch) -> World:
     """A fresh world, $HOME pointed into it (caches pinned where they were, so nothing else lands there)."""
-    caches = {"HB_CACHE_DIR": str(model_cache_root()), "HF_HOME": os.environ.get("HF_HOME") or str(Path.home() / ".cache" / "huggingface"),
+    caches = {"HB_CACHE_DIR": str(model_cache_root()),
+              "HF_HOME": os.environ.get("HF_HOME") or str(Path.home() / ".cache" / "huggingface"),
               "MPLCONFIGDIR": os.environ.get("MPLCONFIGDIR") or str(Path.home() / ".config" / "matplotlib")}
     w = make_world(tmp_path)
     for key, value in caches.items():

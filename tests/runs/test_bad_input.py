@@ -40,7 +40,8 @@ from tests.runs.world import World, call, finished, hb, outside, run_base, snaps
 class Case:
     """One bad (or tricky) input. ``act`` runs it and returns (exit status, output); ``says``: regexes the
     output must match (the parameter or file, and the fix); ``may_change``: the world-relative folders
-    that may gain, change or lose files (default none: the world stays exactly as it was)."""
+    that may gain, change or lose files (default none: the world stays exactly as it was); ``concern``:
+    the part of the kit the input tests (one of :data:`CONCERNS`)."""
 
     id: str
     act: Callable[[World], tuple[int, str]]
@@ -49,8 +50,13 @@ class Case:
     setup: Callable[[World], object] | None = None
     may_change: Callable[[World], tuple[str, ...]] | tuple[str, ...] = ()
     check: Callable[[World], object] | None = None
-    item: str = "behaves"  # the issue item it covers, or "behaves" (already behaved before issue 13)
     files: dict[str, str] = field(default_factory=dict)  # world-relative files written before the snapshot
+    concern: str = field(kw_only=True)  # what the input puts at risk: one of CONCERNS
+
+
+# What a bad input can put at risk; every one has cases in the table.
+CONCERNS = ("output-root", "overwrite", "compare", "params", "config", "rerun", "max-length", "interrupt", "model",
+            "data")
 
 
 def p(*pairs: str | Path) -> list[str]:
@@ -107,7 +113,8 @@ def check_eval_rerun(w: World) -> None:
     assert json.loads((prev / "eval.json").read_text())["stamp"]["params"]["eval_size"] == 8
     assert (prev / "qualitative.jsonl").is_file() and (prev / "04_evaluate.ipynb").is_file()
     assert json.loads((w.run() / "metrics" / "eval.json").read_text())["stamp"]["params"]["eval_size"] == "all"
-    assert conf["stages"]["05_qualitative"]["status"] == "stale" and conf["stages"]["03_train_qlora"]["status"] == "done"
+    assert conf["stages"]["05_qualitative"]["status"] == "stale"
+    assert conf["stages"]["03_train_qlora"]["status"] == "done"
     assert conf["eval_history"][-1]["changed"] == ["eval_size: 8 -> 'all'"]
 
 
@@ -148,7 +155,7 @@ ANSWERS_CSV = {"data/qa.csv": "question,answer\n" + "".join(
 
 
 def root_case(w: World) -> tuple[int, str]:
-    name = f"hb13-{uuid.uuid4().hex[:8]}"
+    name = f"hb-root-{uuid.uuid4().hex[:8]}"
     try:
         return run_base(w, *p("output_root", "/", "experiment", name))
     finally:
@@ -177,225 +184,256 @@ def compare_run(w: World, name: str, **eval_changes: object) -> Path:
     (root / "metrics").mkdir(parents=True)
     run_dir.write_json(root / "config.json", {"config": cfg.to_dict(), "fingerprints": cfg.fingerprints()})
     run_dir.write_json(root / "metrics" / "train.json", {"stamp": run_dir.stamp(cfg, "train", "t")})
-    run_dir.write_json(root / "metrics" / "eval.json", {"stamp": run_dir.stamp(cfg.replace(**eval_changes), "eval", "t"),
-                                                        "generation": {}, "perplexity": {}})
+    eval_stamp = run_dir.stamp(cfg.replace(**eval_changes), "eval", "t")
+    run_dir.write_json(root / "metrics" / "eval.json", {"stamp": eval_stamp, "generation": {}, "perplexity": {}})
     return root
 
 
 LONG_PROMPT = " ".join(["Always answer with great care and cite the relevant guideline."] * 6)
 
 CASES = [
-    # ---- item 1: output_root and the run directory
-    Case("output_root-is-filesystem-root", root_case, 2, (r"output_root '/' is the filesystem root", r"-p output_root outputs"),
-         item="1"),
+    # ---- output_root, the run directory and --overwrite
+    Case("output_root-is-filesystem-root", root_case, 2,
+         (r"output_root '/' is the filesystem root", r"-p output_root outputs"), concern="output-root"),
     Case("output_root-dotdot-reaches-root", lambda w: run_base(w, *p("output_root", "../" * len(ROOT.parts))), 2,
-         (r"output_root '(\.\./)+' is the filesystem root",), item="1"),
+         (r"output_root '(\.\./)+' is the filesystem root",), concern="output-root"),
     Case("output_root-home-with-overwrite", lambda w: run_base(w, *p("output_root", "~", "experiment", "Documents"),
                                                               "--overwrite"), 2,
-         (r"output_root '~' is your home directory", r"never written there"), item="1"),
+         (r"output_root '~' is your home directory", r"never written there"), concern="overwrite"),
     Case("output_root-parent-of-home", lambda w: run_base(w, *p("output_root", w.root)), 2,
-         (r"a parent of your home directory",), item="1"),
+         (r"a parent of your home directory",), concern="output-root"),
     Case("output_root-is-a-file", lambda w: run_base(w, *p("output_root", w.decoy / "notes.txt")), 2,
-         (r"output_root '.*notes.txt' is not a directory: .*notes.txt is a file",), item="1"),
+         (r"output_root '.*notes.txt' is not a directory: .*notes.txt is a file",), concern="output-root"),
     Case("output_root-under-a-file", lambda w: run_base(w, *p("output_root", w.decoy / "notes.txt" / "sub")), 2,
-         (r"is not a directory: .*notes.txt is a file",), item="1"),
+         (r"is not a directory: .*notes.txt is a file",), concern="output-root"),
     Case("user-folder-refused-even-with-overwrite",
          lambda w: run_base(w, *p("output_root", w.decoy, "experiment", "photos"), "--overwrite"), 2,
-         (r"decoy/photos exists and was not made by this kit", r"even with --overwrite", r"-p experiment"), item="1"),
+         (r"decoy/photos exists and was not made by this kit", r"even with --overwrite", r"-p experiment"),
+         concern="overwrite"),
     Case("user-folder-refused", lambda w: run_base(w, *p("output_root", w.decoy, "experiment", "photos")), 2,
-         (r"was not made by this kit",), item="1"),
+         (r"was not made by this kit",), concern="output-root"),
     Case("run-name-is-a-user-file", lambda w: run_base(w, *p("output_root", w.decoy, "experiment", "notes.txt")), 2,
-         (r"notes.txt is a file, not a run directory", r"another experiment name"), item="1"),
+         (r"notes.txt is a file, not a run directory", r"another experiment name"), concern="output-root"),
     Case("overwrite-picks-a-free-name-and-reports-it", overwrite_with_name_taken, 0,
          (rf"moved the previous run aside: .*{re.escape(REPLACED)}-2\n",), setup=setup_taken_name,
-         may_change=("outputs/smoke", f"outputs/{REPLACED}-2"), check=check_overwrite_moved, item="1"),
+         may_change=("outputs/smoke", f"outputs/{REPLACED}-2"), check=check_overwrite_moved, concern="overwrite"),
     Case("notebook-alone-claims-only-its-run-dir",
          lambda w: call(lambda: medquad.prepare_splits(w.cfg(output_root=str(w.decoy), experiment="photos"))), 2,
-         (r"photos exists and was not made by this kit",), item="1"),
+         (r"photos exists and was not made by this kit",), concern="output-root"),
     Case("notebook-alone-writes-splits-into-a-marked-run-dir",
          lambda w: call(lambda: medquad.prepare_splits(w.cfg())), 0, (), may_change=RUN,
-         check=lambda w: (w.run() / run_dir.MARKER).is_file() and (w.run() / "data" / "train.jsonl").is_file(), item="1"),
+         check=lambda w: (w.run() / run_dir.MARKER).is_file() and (w.run() / "data" / "train.jsonl").is_file(),
+         concern="output-root"),
     Case("compare-out-is-home", lambda w: hb("compare", w.out / "a", w.out / "b", "--out", "~"), 2,
          (r"--out '~' is your home directory", r"--out outputs/compare"),
-         setup=lambda w: (compare_run(w, "a"), compare_run(w, "b")), item="1"),
+         setup=lambda w: (compare_run(w, "a"), compare_run(w, "b")), concern="compare"),
     Case("compare-out-is-a-user-folder", lambda w: hb("compare", w.out / "a", w.out / "b", "--out", w.decoy), 2,
          (r"decoy exists and was not made by this kit",), setup=lambda w: (compare_run(w, "a"), compare_run(w, "b")),
-         item="1"),
+         concern="compare"),
     Case("compare-into-its-own-old-folder", lambda w: hb("compare", w.out / "a", w.out / "b", "--no-report", "--out",
                                                          w.out / "cmp"), 0, (r"markdown .*cmp/comparison.md",),
          setup=lambda w: (compare_run(w, "a"), compare_run(w, "b"), w.write("outputs/cmp/comparison.md", "old")),
-         may_change=("outputs/cmp",), check=lambda w: (w.out / "cmp" / run_dir.MARKER).is_file(), item="1"),
-    # ---- item 2: -p values read as papermill reads them
+         may_change=("outputs/cmp",), check=lambda w: (w.out / "cmp" / run_dir.MARKER).is_file(), concern="compare"),
+    # ---- -p values read as papermill reads them
     Case("p-value-with-hash-kept", lambda w: run_base(w, *p("experiment", "lr_test #2"), "--only", "01"), 0, (),
          may_change=("outputs/lr_test #2",),
-         check=lambda w: json.loads((w.out / "lr_test #2" / "config.json").read_text())["config"]["experiment"] == "lr_test #2",
-         item="2"),
+         check=lambda w: json.loads((w.out / "lr_test #2" / "config.json").read_text())["config"][
+             "experiment"] == "lr_test #2",
+         concern="params"),
     Case("p-value-with-colon-hash-newline-kept",
-         lambda w: run_base(w, *p("system_prompt", "Answer briefly. #1 rule: be kind.\nQ: what? A: this"), "--only", "01"),
+         lambda w: run_base(w, *p("system_prompt", "Answer briefly. #1 rule: be kind.\nQ: what? A: this"),
+                            "--only", "01"),
          0, (), may_change=RUN, check=lambda w: json.loads((w.run() / "config.json").read_text())["config"][
-             "system_prompt"] == "Answer briefly. #1 rule: be kind.\nQ: what? A: this", item="2"),
+             "system_prompt"] == "Answer briefly. #1 rule: be kind.\nQ: what? A: this", concern="params"),
     Case("p-int-for-text-field-becomes-text", lambda w: run_base(w, *p("experiment", 2024), "--only", "01"), 0, (),
-         may_change=("outputs/2024",), check=lambda w: (w.out / "2024" / "config.json").is_file(), item="2"),
+         may_change=("outputs/2024",), check=lambda w: (w.out / "2024" / "config.json").is_file(), concern="params"),
     Case("p-text-papermill-would-renumber", lambda w: run_base(w, *p("experiment", "007")), 2,
-         (r"-p experiment '007' reads as the number 7", r"-r experiment 007"), item="2"),
+         (r"-p experiment '007' reads as the number 7", r"-r experiment 007"), concern="params"),
     Case("r-keeps-raw-text", lambda w: run_base(w, "-r", "experiment", "007", "--only", "01"), 0, (),
-         may_change=("outputs/007",), check=lambda w: (w.out / "007" / "config.json").is_file(), item="2"),
+         may_change=("outputs/007",), check=lambda w: (w.out / "007" / "config.json").is_file(), concern="params"),
     Case("p-float-for-text-field", lambda w: run_base(w, *p("experiment", "1.5")), 2,
-         (r"experiment must be text, got 1.5 \(float\)", r"-r experiment VALUE"), item="2"),
+         (r"experiment must be text, got 1.5 \(float\)", r"-r experiment VALUE"), concern="params"),
     Case("y-yaml-mapping", lambda w: run_base(w, "-y", "prompts: ['What is #2?', 'a: b']", "--only", "01"), 0, (),
          may_change=RUN, check=lambda w: json.loads((w.run() / "config.json").read_text())["config"]["prompts"] == [
-             "What is #2?", "a: b"], item="2"),
+             "What is #2?", "a: b"], concern="params"),
     Case("y-duplicate-key", lambda w: run_base(w, "-y", "{lora_r: 4, lora_r: 8}"), 2,
-         (r"parameter 'lora_r' is given twice", r"Delete one"), item="2"),
-    # ---- item 3: scope-aware reruns
+         (r"parameter 'lora_r' is given twice", r"Delete one"), concern="params"),
+    # ---- scope-aware reruns
     Case("eval-change-reruns-04-on-the-same-adapter",
          lambda w: run_base(w, *p("eval_size", "all"), "--only", "04"), 0,
          (r"evaluation parameters changed \(eval_size: 8 -> 'all'\): the adapter is reused",
           r"previous metrics kept in .*metrics/previous/"), setup=finished, may_change=RUN, check=check_eval_rerun,
-         item="3"),
+         concern="rerun"),
     Case("run-scope-change-continues", lambda w: run_base(w, *p("logging_steps", 5)), 0, (r"skipped",),
          setup=finished, may_change=RUN,
-         check=lambda w: json.loads((w.run() / "config.json").read_text())["config"]["logging_steps"] == 5 and not w.calls,
-         item="3"),
+         check=lambda w: json.loads((w.run() / "config.json").read_text())["config"]["logging_steps"] == 5
+         and not w.calls,
+         concern="rerun"),
     Case("data-change-refused", lambda w: run_base(w, *p("sample_size", 15)), 2,
          (r"holds a run of a different config \(changed: sample_size: 20 -> 15\)", r"-p experiment smoke_2",
-          r"--overwrite"), setup=finished, item="3"),
+          r"--overwrite"), setup=finished, concern="rerun"),
     Case("train-change-refused", lambda w: run_base(w, *p("lora_r", 16), "--only", "04"), 2,
-         (r"changed: lora_r: 8 -> 16",), setup=finished, item="3"),
+         (r"changed: lora_r: 8 -> 16",), setup=finished, concern="rerun"),
     Case("04-run-directly-keeps-old-metrics-aside",
          lambda w: call(lambda: reruns.record_eval_rerun(w.cfg(eval_size=3), "04_evaluate", made_by="04 directly")), 0,
          (r"\[04_evaluate\] eval parameters differ from config.json \(eval_size: 8 -> 3\)",
           r"kept in metrics/previous/", r"config.json now records this config"),
-         setup=finished, may_change=RUN, check=check_direct_04, item="3"),
-    # ---- item 4: errors before deep tracebacks
+         setup=finished, may_change=RUN, check=check_direct_04, concern="rerun"),
+    # ---- max_length and data errors named before deep tracebacks
     Case("max-length-16", lambda w: run_base(w, *p("max_length", 16)), 2,
          (r"max_length=16 leaves no room for an answer", r"system_prompt", r"take \d+ tokens",
-          r"Raise max_length above \d+"), item="4"),
-    Case("system-prompt-longer-than-max-length", lambda w: run_base(w, *p("max_length", 64, "system_prompt", LONG_PROMPT)),
-         2, (r"max_length=64 leaves no room", r"shorten system_prompt"), item="4"),
+          r"Raise max_length above \d+"), concern="max-length"),
+    Case("system-prompt-longer-than-max-length",
+         lambda w: run_base(w, *p("max_length", 64, "system_prompt", LONG_PROMPT)), 2,
+         (r"max_length=64 leaves no room", r"shorten system_prompt"), concern="max-length"),
     Case("shortest-question-too-long", lambda w: tokenizer_check(w, w.cfg(max_length=70), ["What " * 40, "Why " * 30]),
          2, (r"max_length=70 .* the system_prompt and the shortest question in the chat template take \d+ tokens",),
-         item="4"),
+         concern="max-length"),
     Case("header-only-csv", lambda w: run_base(w, *p("dataset", w.data / "empty.csv"), "--only", "01"),
          1, (r"01_eda failed", r"DataError: The data source '.*empty.csv' has no rows", r"Point dataset at"),
-         may_change=RUN, item="4", files={"data/empty.csv": "question,answer\n"}),
-    # ---- item 5: lora_target_modules
-    Case("lora-target-misspelt-next-to-a-good-one", lambda w: run_base(w, *p("lora_target_modules", "q_proj,bogus_proj")),
-         2, (r"lora_target_modules: bogus_proj is not among the layers", r"q_proj, up_proj, v_proj"), item="5"),
+         may_change=RUN, concern="data", files={"data/empty.csv": "question,answer\n"}),
+    # ---- lora_target_modules
+    Case("lora-target-misspelt-next-to-a-good-one",
+         lambda w: run_base(w, *p("lora_target_modules", "q_proj,bogus_proj")), 2,
+         (r"lora_target_modules: bogus_proj is not among the layers", r"q_proj, up_proj, v_proj"), concern="model"),
     Case("lora-target-none-matches", lambda w: run_base(w, *p("lora_target_modules", "bogus")), 2,
-         (r"lora_target_modules: bogus is not", r"e\.g\. -p lora_target_modules q_proj,k_proj"), item="5"),
+         (r"lora_target_modules: bogus is not", r"e\.g\. -p lora_target_modules q_proj,k_proj"), concern="model"),
     Case("lora-target-is-a-container", lambda w: run_base(w, *p("lora_target_modules", "mlp")), 2,
-         (r"mlp \(a LlamaMLP, not a layer LoRA can adapt\)",), item="5"),
-    # ---- item 6: Ctrl-C
+         (r"mlp \(a LlamaMLP, not a layer LoRA can adapt\)",), concern="model"),
+    # ---- Ctrl-C
     Case("ctrl-c-in-03", interrupt_in_03, 130,
          (r"interrupted during 03_train_qlora; last checkpoint .*checkpoint-2; rerun the same command to resume",),
-         may_change=RUN, check=check_interrupted, item="6"),
-    # ---- should-fix
+         may_change=RUN, check=check_interrupted, concern="interrupt"),
+    # ---- duplicate keys in a file, literal NaN answers, small data, blank prompts, foreign adapters, failed attempts
     Case("duplicate-key-in-params-file", lambda w: hb("run", w.root / "params" / "dup.yaml"), 2,
-         (r"dup.yaml': parameter 'lora_r' is given twice \(lines 1 and 3\)",), item="should",
+         (r"dup.yaml': parameter 'lora_r' is given twice \(lines 1 and 3\)",), concern="params",
          files={"params/dup.yaml": "lora_r: 4\nexperiment: x\nlora_r: 8\n"}),
     Case("nan-none-null-answers-counted",
          lambda w: run_base(w, *p("dataset", w.data / "qa.csv", "sample_size", 10), "--only", "02"), 0,
          (r"note: 3 answers were a literal NaN/None/null and count as missing",), may_change=RUN, files=ANSWERS_CSV,
          check=lambda w: {s["step"]: s["removed"] for s in json.loads((w.run() / "data" / "stats.json").read_text())[
-             "funnel"]}["answer not NaN/None/null"] == 3, item="should"),
+             "funnel"]}["answer not NaN/None/null"] == 3, concern="data"),
     Case("sample-size-larger-than-data", lambda w: run_base(w, *p("sample_size", 500), "--only", "02"), 0,
-         (r"note: sample_size=500 but only \d+ pairs pass the filters",), may_change=RUN, item="should"),
+         (r"note: sample_size=500 but only \d+ pairs pass the filters",), may_change=RUN, concern="data"),
     Case("blank-prompt", lambda w: run_base(w, "-y", "prompts: ['ok?', '  ']"), 2,
-         (r"prompts holds 1 empty or blank prompt", r"positions \[1\]"), item="should"),
+         (r"prompts holds 1 empty or blank prompt", r"positions \[1\]"), concern="config"),
     Case("adapter-of-another-config-names-parameters",
          lambda w: call(lambda: loading.check_adapter(w.cfg(), adapter_with(w, lora_r=16))), 2,
-         (r"another train config \(lora_r: 16 -> 8\)", r"retrain"), may_change=("foreign_adapter",), item="should"),
+         (r"another train config \(lora_r: 16 -> 8\)", r"retrain"), may_change=("foreign_adapter",), concern="model"),
     Case("compare-missing-folder", lambda w: hb("compare", w.out / "nope", w.out / "nope2"), 2,
-         (r"nope does not exist", r"hb run"), item="should"),
+         (r"nope does not exist", r"hb run"), concern="compare"),
     Case("failed-first-attempt-does-not-block-the-name",
-         lambda w: run_base(w), 0, (r"held an attempt of another config that finished no stage; this config takes it over",),
+         lambda w: run_base(w), 0,
+         (r"held an attempt of another config that finished no stage; this config takes it over",),
          setup=lambda w: run_base(w, *p("dataset", write_release(w.data / "bad").joinpath("1_FakeGov_QA"))),
-         may_change=RUN, item="should"),
-    # ---- inputs that already behaved: config validation
+         may_change=RUN, concern="rerun"),
+    # ---- config validation and command-line flags
     Case("unknown-parameter-did-you-mean", lambda w: run_base(w, *p("lora_rr", 4)), 2,
-         (r"Unknown parameter 'lora_rr'", r"Did you mean 'lora_r'")),
-    Case("lora_r-zero", lambda w: run_base(w, *p("lora_r", 0)), 2, (r"lora_r must be >= 1",)),
-    Case("lora_r-word", lambda w: run_base(w, *p("lora_r", "eight")), 2, (r"lora_r must be an integer, got 'eight'",)),
-    Case("lora_r-fraction", lambda w: run_base(w, *p("lora_r", 2.5)), 2, (r"lora_r must be an integer",)),
-    Case("learning_rate-word", lambda w: run_base(w, *p("learning_rate", "fast")), 2, (r"learning_rate must be a number",)),
-    Case("learning_rate-zero", lambda w: run_base(w, *p("learning_rate", 0)), 2, (r"learning_rate must be > 0",)),
-    Case("learning_rate-nan", lambda w: run_base(w, *p("learning_rate", "nan")), 2, (r"learning_rate must be a finite",)),
-    Case("lora_dropout-one", lambda w: run_base(w, *p("lora_dropout", 1.0)), 2, (r"lora_dropout must be < 1",)),
-    Case("fractions-do-not-sum", lambda w: run_base(w, *p("train_frac", 0.7)), 2, (r"must sum to 1",)),
+         (r"Unknown parameter 'lora_rr'", r"Did you mean 'lora_r'"), concern="config"),
+    Case("lora_r-zero", lambda w: run_base(w, *p("lora_r", 0)), 2, (r"lora_r must be >= 1",), concern="config"),
+    Case("lora_r-word", lambda w: run_base(w, *p("lora_r", "eight")), 2, (r"lora_r must be an integer, got 'eight'",),
+         concern="config"),
+    Case("lora_r-fraction", lambda w: run_base(w, *p("lora_r", 2.5)), 2, (r"lora_r must be an integer",),
+         concern="config"),
+    Case("learning_rate-word", lambda w: run_base(w, *p("learning_rate", "fast")), 2,
+         (r"learning_rate must be a number",), concern="config"),
+    Case("learning_rate-zero", lambda w: run_base(w, *p("learning_rate", 0)), 2, (r"learning_rate must be > 0",),
+         concern="config"),
+    Case("learning_rate-nan", lambda w: run_base(w, *p("learning_rate", "nan")), 2,
+         (r"learning_rate must be a finite",), concern="config"),
+    Case("lora_dropout-one", lambda w: run_base(w, *p("lora_dropout", 1.0)), 2, (r"lora_dropout must be < 1",),
+         concern="config"),
+    Case("fractions-do-not-sum", lambda w: run_base(w, *p("train_frac", 0.7)), 2, (r"must sum to 1",),
+         concern="config"),
     Case("nothing-to-train-on", lambda w: run_base(w, *p("train_frac", 0, "val_frac", 0.5, "test_frac", 0.5)), 2,
-         (r"train_frac must be > 0",)),
-    Case("split_by-choice", lambda w: run_base(w, *p("split_by", "doc")), 2, (r"split_by must be one of row, question, focus",)),
-    Case("compute_dtype-choice", lambda w: run_base(w, *p("compute_dtype", "fp8")), 2, (r"compute_dtype must be one of",)),
-    Case("report_to-choice", lambda w: run_base(w, *p("report_to", "wandb")), 2, (r"report_to must be one of none, tensorboard",)),
-    Case("bool-yes", lambda w: run_base(w, *p("load_in_4bit", "yes")), 2, (r"load_in_4bit must be true or false",)),
-    Case("eval_size-zero", lambda w: run_base(w, *p("eval_size", 0)), 2, (r"eval_size must be >= 1 or 'all'",)),
-    Case("max_steps-below-minus-one", lambda w: run_base(w, *p("max_steps", -2)), 2, (r"max_steps must be >= -1",)),
-    Case("sample_size-negative", lambda w: run_base(w, *p("sample_size", -5)), 2, (r"sample_size must be >= 1",)),
-    Case("no-target-modules", lambda w: run_base(w, "-r", "lora_target_modules", ""), 2, (r"at least one module",)),
+         (r"train_frac must be > 0",), concern="config"),
+    Case("split_by-choice", lambda w: run_base(w, *p("split_by", "doc")), 2,
+         (r"split_by must be one of row, question, focus",), concern="config"),
+    Case("compute_dtype-choice", lambda w: run_base(w, *p("compute_dtype", "fp8")), 2,
+         (r"compute_dtype must be one of",), concern="config"),
+    Case("report_to-choice", lambda w: run_base(w, *p("report_to", "wandb")), 2,
+         (r"report_to must be one of none, tensorboard",), concern="config"),
+    Case("bool-yes", lambda w: run_base(w, *p("load_in_4bit", "yes")), 2, (r"load_in_4bit must be true or false",),
+         concern="config"),
+    Case("eval_size-zero", lambda w: run_base(w, *p("eval_size", 0)), 2, (r"eval_size must be >= 1 or 'all'",),
+         concern="config"),
+    Case("max_steps-below-minus-one", lambda w: run_base(w, *p("max_steps", -2)), 2, (r"max_steps must be >= -1",),
+         concern="config"),
+    Case("sample_size-negative", lambda w: run_base(w, *p("sample_size", -5)), 2, (r"sample_size must be >= 1",),
+         concern="config"),
+    Case("no-target-modules", lambda w: run_base(w, "-r", "lora_target_modules", ""), 2, (r"at least one module",),
+         concern="config"),
     Case("text-field-none", lambda w: run_base(w, *p("system_prompt", "None")), 2,
-         (r"system_prompt must be text, got None", r"-r system_prompt")),
+         (r"system_prompt must be text, got None", r"-r system_prompt"), concern="config"),
     Case("experiment-path-traversal", lambda w: run_base(w, *p("experiment", "../escape")), 2,
-         (r"experiment must be a plain directory name",)),
-    Case("experiment-hidden", lambda w: run_base(w, *p("experiment", ".hidden")), 2, (r"plain directory name",)),
-    Case("experiment-with-slash", lambda w: run_base(w, *p("experiment", "a/b")), 2, (r"plain directory name",)),
-    Case("experiment-empty", lambda w: run_base(w, "-r", "experiment", ""), 2, (r"plain directory name",)),
-    Case("experiment-control-char", lambda w: run_base(w, *p("experiment", "a\nb")), 2, (r"control characters",)),
+         (r"experiment must be a plain directory name",), concern="config"),
+    Case("experiment-hidden", lambda w: run_base(w, *p("experiment", ".hidden")), 2, (r"plain directory name",),
+         concern="config"),
+    Case("experiment-with-slash", lambda w: run_base(w, *p("experiment", "a/b")), 2, (r"plain directory name",),
+         concern="config"),
+    Case("experiment-empty", lambda w: run_base(w, "-r", "experiment", ""), 2, (r"plain directory name",),
+         concern="config"),
+    Case("experiment-control-char", lambda w: run_base(w, *p("experiment", "a\nb")), 2, (r"control characters",),
+         concern="config"),
     Case("params-file-missing", lambda w: hb("run", w.root / "params" / "nope.yaml"), 2,
-         (r"nope.yaml' does not exist", r"params/smoke.yaml")),
+         (r"nope.yaml' does not exist", r"params/smoke.yaml"), concern="params"),
     Case("params-file-not-a-mapping", lambda w: hb("run", w.root / "params" / "list.yaml"), 2,
-         (r"must be a flat mapping",), files={"params/list.yaml": "- a\n- b\n"}),
+         (r"must be a flat mapping",), files={"params/list.yaml": "- a\n- b\n"}, concern="params"),
     Case("params-file-yaml-object-tag", lambda w: hb("run", w.root / "params" / "tag.yaml"), 2,
          (r"tag.yaml' is not valid YAML", r"could not determine a constructor"),
-         files={"params/tag.yaml": "experiment: !!python/object/apply:os.system [echo hi]\n"}),
+         files={"params/tag.yaml": "experiment: !!python/object/apply:os.system [echo hi]\n"}, concern="params"),
     Case("params-file-broken-yaml", lambda w: hb("run", w.root / "params" / "broken.yaml"), 2,
-         (r"broken.yaml' is not valid YAML",), files={"params/broken.yaml": "lora_r: [4\n"}),
-    Case("y-not-a-mapping", lambda w: run_base(w, "-y", "[a, b]"), 2, (r"-y '\[a, b\]' must be a flat mapping",)),
-    Case("unknown-stage", lambda w: run_base(w, "--only", "09"), 2, (r"Unknown stage '09'",)),
-    Case("from-and-only", lambda w: run_base(w, "--from", "03", "--only", "04"), 2, (r"not allowed with argument",)),
-    # ---- already behaved: data
+         (r"broken.yaml' is not valid YAML",), files={"params/broken.yaml": "lora_r: [4\n"}, concern="params"),
+    Case("y-not-a-mapping", lambda w: run_base(w, "-y", "[a, b]"), 2, (r"-y '\[a, b\]' must be a flat mapping",),
+         concern="params"),
+    Case("unknown-stage", lambda w: run_base(w, "--only", "09"), 2, (r"Unknown stage '09'",), concern="params"),
+    Case("from-and-only", lambda w: run_base(w, "--from", "03", "--only", "04"), 2, (r"not allowed with argument",),
+         concern="params"),
+    # ---- data
     Case("missing-data-path", lambda w: run_base(w, *p("dataset", w.data / "nope")), 2,
-         (r"Data source '.*nope' does not exist", r"Set dataset to a MedQuAD XML release folder")),
+         (r"Data source '.*nope' does not exist", r"Set dataset to a MedQuAD XML release folder"), concern="data"),
     Case("corrupt-xml-named", lambda w: call(lambda: medquad.load_raw(str(w.data / "release"))), 2,
          (r"0000003.xml is not well-formed XML", r"Fix or remove the file"),
-         setup=lambda w: (w.data / "release" / "2_FakeGard_QA" / "0000003.xml").write_text("<Document><QAPairs>")),
+         setup=lambda w: (w.data / "release" / "2_FakeGard_QA" / "0000003.xml").write_text("<Document><QAPairs>"),
+         concern="data"),
     Case("folder-without-xml", lambda w: call(lambda: medquad.load_raw(str(w.decoy))), 2,
-         (r"decoy holds no \*/\*.xml files", r"Point `dataset` at the MedQuAD release folder")),
+         (r"decoy holds no \*/\*.xml files", r"Point `dataset` at the MedQuAD release folder"), concern="data"),
     Case("table-without-answer-column", lambda w: call(lambda: medquad.load_raw(str(w.data / "q.csv"))), 2,
-         (r"q.csv has no answer column", r"needs 'question' and 'answer' columns"), files={"data/q.csv": "question\nWhat?\n"}),
+         (r"q.csv has no answer column", r"needs 'question' and 'answer' columns"),
+         files={"data/q.csv": "question\nWhat?\n"}, concern="data"),
     Case("unsupported-file-type", lambda w: call(lambda: medquad.load_raw(str(w.decoy / "notes.txt"))), 2,
-         (r"Unsupported data file 'notes.txt'",)),
+         (r"Unsupported data file 'notes.txt'",), concern="data"),
     Case("empty-after-filtering", lambda w: run_base(w, *p("min_answer_chars", 100000), "--only", "02"), 1,
-         (r"Only 0 pairs are left after filtering", r"Loosen min_question_chars"), may_change=RUN),
+         (r"Only 0 pairs are left after filtering", r"Loosen min_question_chars"), may_change=RUN, concern="data"),
     Case("splits-of-another-data-config",
          lambda w: call(lambda: medquad.prepare_splits(w.cfg(sample_size=15))), 2,
          (r"was made by another data config \(sample_size: 20 -> 15\)", r"new `experiment` name"),
-         setup=lambda w: medquad.prepare_splits(w.cfg())),
-    # ---- already behaved: models and adapters
+         setup=lambda w: medquad.prepare_splits(w.cfg()), concern="data"),
+    # ---- models and adapters
     Case("model-dir-missing", lambda w: run_base(w, *p("model_name", w.root / "no_model")), 2,
-         (r"model_name='.*no_model' looks like a local path", r"offline alias 'smollm2-135m-instruct'")),
+         (r"model_name='.*no_model' looks like a local path", r"offline alias 'smollm2-135m-instruct'"),
+         concern="model"),
     Case("adapter-missing", lambda w: call(lambda: loading.check_adapter(w.cfg(), w.root / "no_adapter")), 2,
-         (r"No trained LoRA adapter at .*no_adapter", r"03_train_qlora")),
+         (r"No trained LoRA adapter at .*no_adapter", r"03_train_qlora"), concern="model"),
     Case("adapter-of-another-model", lambda w: call(lambda: loading.check_adapter(
         w.cfg(), adapter_with(w, model_name="TinyLlama/TinyLlama-1.1B-Chat-v1.0"))), 2,
          (r"trained on model_name='TinyLlama/TinyLlama-1.1B-Chat-v1.0'", r"Set model_name to"),
-         may_change=("foreign_adapter",)),
-    # ---- already behaved: compare
+         may_change=("foreign_adapter",), concern="model"),
+    # ---- compare
     Case("compare-one-run", lambda w: hb("compare", w.out / "a"), 2, (r"at least two run directories",),
-         setup=lambda w: compare_run(w, "a")),
+         setup=lambda w: compare_run(w, "a"), concern="compare"),
     Case("compare-folder-without-run", lambda w: hb("compare", w.decoy, w.decoy / "photos"), 2,
-         (r"decoy has no config.json: run hb run",)),
+         (r"decoy has no config.json: run hb run",), concern="compare"),
     Case("compare-metrics-of-another-config", lambda w: hb("compare", w.out / "a", w.out / "b", "--no-report",
                                                            "--out", w.out / "cmp"), 2,
          (r"eval.json was made by another eval config \(eval_size: 3 -> 8\)", r"Rerun that stage"),
-         setup=lambda w: (compare_run(w, "a", eval_size=3), compare_run(w, "b"))),
+         setup=lambda w: (compare_run(w, "a", eval_size=3), compare_run(w, "b")), concern="compare"),
 ]
 
 
-def test_the_table_covers_every_item_and_enough_inputs():
-    items = {c.item for c in CASES}
-    assert {"1", "2", "3", "4", "5", "6", "should"} <= items
-    assert sum(c.item == "behaves" for c in CASES) >= 34 and len(CASES) >= 40
+def test_the_table_covers_every_concern_and_enough_inputs():
+    assert {c.concern for c in CASES} == set(CONCERNS)
+    assert sum(c.concern == "config" for c in CASES) >= 20 and len(CASES) >= 40
     assert len({c.id for c in CASES}) == len(CASES)
 
 

@@ -44,7 +44,8 @@ def test_parameters_cell_matches_the_config(path):
     assert set(params) == {n for n, f in FIELDS.items() if f.metadata["scope"] in expected}, \
         "run `python scripts/nbtools.py params`"
     headings = [line for line in parameters_cell_source(stage).splitlines() if line.startswith("# --- ")]
-    assert [h.split()[2].rstrip(":") for h in headings] == [s for s in ("run", "data", "train", "eval") if s in expected]
+    assert [h.split()[2].rstrip(":") for h in headings] == [s for s in ("run", "data", "train", "eval")
+                                                             if s in expected]
     defaults = ExperimentConfig()
     for name, info in params.items():
         assert eval(info["default"]) == getattr(defaults, name), name  # noqa: S307 - our own literal
@@ -172,7 +173,7 @@ def stream_text(path) -> str:
 
 
 @pytest.mark.slow
-def test_03_from_notebooks_dir_with_the_issue_command_reuses_the_smoke_adapter(smoke_series, tmp_path):
+def test_03_from_notebooks_dir_with_papermill_p_reuses_the_smoke_adapter(smoke_series, tmp_path):
     """`papermill notebooks/03_train_qlora.ipynb OUT -f params/smoke.yaml -p lora_r 8`, run from notebooks/
     on the finished smoke series (lora_r 8 is its value): the adapter is reused, not retrained, and the
     adapter reloaded from disk answers two validation questions."""
@@ -236,7 +237,8 @@ def test_01_and_02_run_all_twice_then_rerun_from_an_edited_parameters_cell(tmp_p
 
 @pytest.mark.slow
 def test_03_and_05_run_all_twice_then_rerun_from_an_edited_parameters_cell(smoke_series, tmp_path, monkeypatch):
-    """The notebooks whose own variables (`keys` in 03, `rows` in 05) used to be read back as parameters."""
+    """The notebooks with variables of their own (`keys` in 03, `rows` in 05) that must not be read back as
+    parameters."""
     monkeypatch.setenv("HB_HEADLESS", "1")
     shutil.copytree(smoke_series.root / "outputs", tmp_path / "outputs")  # leave the shared run untouched
     cfg = smoke_series.cfg.replace(output_root=str(tmp_path / "outputs"))

@@ -77,8 +77,8 @@ def make_world(tmp_path: Path) -> World:
     w.write("home/.bashrc", "export X=1")
     w.out.mkdir(parents=True)
     write_release(w.data / "release")
-    w.write("params/base.yaml", "\n".join(f"{k}: {json.dumps(v)}" for k, v in
-                                          {**BASE, "dataset": str(w.data / "release"), "output_root": str(w.out)}.items()))
+    base = {**BASE, "dataset": str(w.data / "release"), "output_root": str(w.out)}
+    w.write("params/base.yaml", "\n".join(f"{k}: {json.dumps(v)}" for k, v in base.items()))
     return w
 
 

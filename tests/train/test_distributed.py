@@ -255,7 +255,8 @@ def test_two_processes_see_each_example_once_match_one_process_and_only_rank0_wr
 
     # the same batches per optimizer step as the one-process run: the same losses, up to rounding
     ddp_losses = [h["loss"] for h in read_json(paths.metrics / "log_history.json") if "loss" in h]
-    one_losses = [h["loss"] for h in read_json(RunPaths.for_config(one_cfg).metrics / "log_history.json") if "loss" in h]
+    one_history = read_json(RunPaths.for_config(one_cfg).metrics / "log_history.json")
+    one_losses = [h["loss"] for h in one_history if "loss" in h]
     assert single["effective_batch_size"] == 4 and len(ddp_losses) == len(one_losses) == 2
     # fp32 sums in another order (gloo allreduce vs local accumulation): ~1e-6 relative per step; step 2 adds one
     # AdamW update computed from those gradients. 1e-3 relative leaves room for that, not for a wrong batch

@@ -232,8 +232,9 @@ def _tiny_trainer(tmp_path):
     tok.chat_template = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} <eos> {% endfor %}"
                          "{% if add_generation_prompt %}assistant : {% endif %}")
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=1))
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         pad_token_id=0, eos_token_id=1))
     with torch.no_grad():  # predict "rest" where h . w > 0, else "<pad>": some supervised tokens right, some wrong
         model.lm_head.weight.zero_()
         model.lm_head.weight[vocab.index("rest")] = torch.randn(32)
