@@ -53,7 +53,8 @@ def _assigned_names(source: str) -> list[str]:
         return []
     names = []
     for node in tree.body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        targets = (node.targets if isinstance(node, ast.Assign)
+                   else [node.target] if isinstance(node, ast.AnnAssign) else [])
         names += [t.id for t in targets if isinstance(t, ast.Name)]
     return names
 
@@ -101,29 +102,32 @@ def config_from_namespace(namespace: Mapping[str, Any], stage: str | None = None
     own = stage_fields(stage)
     foreign = [n for n in names if n in FIELDS and n not in own]
     if foreign:
-        from_file = file_only_names(_parent_command_line())
+        from_file = file_only_names(*_parent_command_line())
         names = [n for n in names if n not in foreign or n not in from_file]
     check_names(dict.fromkeys(names), stage)
     return ExperimentConfig(**{k: namespace[k] for k in own if k in namespace})
 
 
-def _parent_command_line() -> list[str]:
-    """The command line of the process that started this kernel (papermill's, under papermill), or []."""
+def _parent_command_line() -> tuple[list[str], str | None]:
+    """The command line and working directory of the process that started this kernel (papermill, under
+    papermill), or ``([], None)``."""
     try:
         import psutil  # an ipykernel dependency
 
-        return psutil.Process(os.getppid()).cmdline()
+        parent = psutil.Process(os.getppid())
+        return parent.cmdline(), parent.cwd()
     except Exception:  # noqa: BLE001 - no parent to read: treat every parameter as given explicitly
-        return []
+        return [], None
 
 
-def file_only_names(argv: Sequence[str]) -> set[str]:
+def file_only_names(argv: Sequence[str], cwd: str | None = None) -> set[str]:
     """Names that a papermill command line takes only from its ``-f`` parameters files.
 
     Under papermill the kernel sees one injected cell, whatever the source of each value, so the kernel
     reads papermill's command line (its parent process): names given with ``-p``, ``-r``, ``-y`` or ``-b``
     are the user's explicit choice and must belong to the stage; names only in a ``-f`` file are the rest
     of the experiment. Empty when ``argv`` is not a papermill command (``hb run``, a Python call, Jupyter).
+    Relative ``-f`` paths are read from ``cwd``, papermill's working directory.
     """
     args = list(argv)
     starts = [i for i, a in enumerate(args) if Path(a).name == "papermill" or (a == "papermill" and i
@@ -135,7 +139,7 @@ def file_only_names(argv: Sequence[str]) -> set[str]:
     i = starts[0] + 1
     while i < len(args):
         a = args[i]
-        if a in ("-p", "--parameters", "-r", "--parameters_raw") and i + 2 < len(args) + 1:
+        if a in ("-p", "--parameters", "-r", "--parameters_raw") and i + 1 < len(args):
             explicit.add(args[i + 1])
             i += 3
         elif a in ("-f", "--parameters_file", "-y", "--parameters_yaml", "-b", "--parameters_base64") \
@@ -145,7 +149,7 @@ def file_only_names(argv: Sequence[str]) -> set[str]:
                 if a in ("-b", "--parameters_base64"):
                     text = base64.b64decode(text).decode()
                 elif a in ("-f", "--parameters_file"):
-                    text = Path(text).read_text()
+                    text = (Path(cwd or ".") / text).read_text()
                 mapping = yaml.safe_load(text) or {}
             except (OSError, ValueError, yaml.YAMLError):
                 mapping = {}

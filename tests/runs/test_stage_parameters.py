@@ -43,6 +43,8 @@ def test_file_only_names_reads_a_papermill_command_line(tmp_path):
     assert file_only_names(["python", "-m", "papermill", "a", "b", "-f", str(params)]) == {"experiment", "lora_r",
                                                                                         "eval_size"}
     assert file_only_names(["/v/bin/hb", "run", "-f", str(params)]) == set()  # not papermill: nothing is a file's
+    relative = ["/v/bin/papermill", "nb.ipynb", "out.ipynb", "-f", "p.yaml"]  # read from papermill's directory
+    assert file_only_names(relative, cwd=str(tmp_path)) == {"experiment", "lora_r", "eval_size"}
 
 
 def _fixture(path, stage: str) -> None:
