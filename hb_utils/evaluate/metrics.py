@@ -16,7 +16,8 @@ Why this module exists, and what it fixes in the original notebook's evaluation:
 * Perplexity lives in :mod:`hb_utils.evaluate.perplexity` (it runs the model; this module only scores).
 * Behaviour rates say what ROUGE cannot: does the model stop by itself, how long it talks, whether
   it advises seeing a healthcare professional (advice, not a mere mention; the reference answers'
-  own rate is the baseline), and whether it returns nothing or loops.
+  own rate is the baseline; :func:`advice_pattern_scores` measures the patterns' precision and recall
+  on a labelled list), and whether it returns nothing or loops.
 """
 
 from __future__ import annotations
@@ -24,70 +25,195 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU
 
+from hb_utils.errors import DataError
+
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 # "Advises seeing a healthcare professional" is ADVICE, not a mention: an imperative or a recommendation
 # whose object is a professional ("See a doctor", "You should talk to your provider", "We recommend
-# seeing a specialist", "Consultation with a neurologist is recommended"), or to seek medical help.
-# Mentions such as "Doctors diagnose it with an MRI", "Consult the references below" or "genetic
-# consultation" do not count. Case-insensitive; tests/data/advice_sentences.txt holds the labelled
-# sentences that pin the behaviour down.
+# seeing a specialist", "Consultation with a neurologist is recommended", "A doctor should examine any
+# mole that changes", "Have a dermatologist take a look"), or to seek medical help ("needs prompt medical
+# attention"). Mentions such as "Doctors diagnose it with an MRI", "Consult the references below", "genetic
+# consultation", "Seeing a doctor regularly was associated with ..." or "Researchers, however, consult
+# with geneticists" do not count. Case-insensitive; tests/data/advice_sentences.txt holds the labelled
+# sentences that pin the behaviour down, and advice_pattern_scores() measures precision and recall on them.
+# The patterns are compiled with re.VERBOSE: a literal space is written "\ " or "\s".
 _PROFESSIONAL = r"""(?:
     doctors?|physicians?|gps?|general\ practitioners?|family\ practitioners?
-  | (?:health\ ?care|health|medical|mental\ health|primary\ care)\ (?:providers?|professionals?|practitioners?|teams?|workers?)
+  | (?:health\ ?care|health|medical|mental\ health|primary\ care)
+    \ (?:providers?|professionals?|practitioners?|teams?|workers?)
   | (?<!insurance\ )(?<!service\ )(?<!internet\ )providers?|clinicians?|nurses?(?:\ practitioners?)?|pharmacists?
-  | specialists?|professionals?|(?:care|medical)\ teams?|(?:genetic\ )?counsell?ors?|therapists?|dentists?|surgeons?|midwi(?:fe|ves)
-  | dietitians?|nutritionists?|p(?:a)?ediatricians?|obstetricians?|optometrists?|psychiatrists?|allergists?|geneticists?
-  | (?:neuro|cardio|dermato|gastroentero|endocrino|rheumato|uro|gyn(?:a)?eco|onco|ophthalmo|psycho|audio|h(?:a)?emato
-     |nephro|pulmono|immuno)logists?
+  | specialists?|professionals?|(?:genetic\ )?counsell?ors?|(?:physio)?therapists?|dentists?|surgeons?|midwi(?:fe|ves)
+  | (?:care|medical|diabetes|cancer|transplant|treatment|surgical|palliative|rehabilitation)\ teams?
+  | dietitians?|nutritionists?|p(?:a)?ediatricians?|obstetricians?|optometrists?|opticians?|podiatrists?|psychiatrists?
+  | allergists?|geneticists?|prescribers?|ear,?\ nose,?\ and\ throat\ (?:doctors?|specialists?|surgeons?)
+  | (?!(?:bio|socio|epidemio|techno|geo|zoo|eco|anthropo|archaeo|meteoro|theo|ideo|crimino|musico)log)\w+ologists?
 )\b"""
-# Words allowed between the verb and the professional: "see [your family] doctor", "ask [a qualified] nurse".
-_MODIFIERS = r"""(?:(?:your|a|an|the|their|his|her|our|my|one|another|[\w-]+'s|childs|babys|own|family|local|regular|usual
+# Words allowed between the verb and the professional: "see [your family] doctor", "ask [a qualified] nurse",
+# "get to [an eye clinic or a] doctor", and up to two words of any kind but a preposition, article or "and"/"or":
+# "a foot doctor", "their anticoagulation clinic nurse"; not "tell the family about the specialist".
+_MODIFIERS = r"""(?:(?:an?|the|your)\s+(?:[\w-]+\s+){1,3}?(?:or|and)\s+)?
+  (?:(?:your|a|an|the|their|his|her|our|my|one|another|[\w-]+['’]s|childs|babys|own|family|local|regular|usual
   |personal|qualified|licensed|trained|certified|board-certified|experienced|treating|primary|general|medical|health|mental)\s+){0,4}
-  (?:[\w-]+\s+)?"""  # and one word of any kind: "a foot doctor", "a genetics professional"
-_ADVICE_VERB = r"""(?:
-    see(?:ing)?|visit(?:ing)?|consult(?:ing)?(?:\s+with)?|(?:talk|speak)(?:ing)?\s+(?:to|with)|ask(?:ing)?
-  | contact(?:ing)?|call(?:ing)?|phon(?:e|ing)|tell(?:ing)?|inform(?:ing)?|notify(?:ing)?|let(?:ting)?
-  | check(?:ing)?\s+(?:in\s+)?with|follow(?:ing)?[\s-]up\s+with|work(?:ing)?\s+with|go(?:ing)?\s+(?:back\s+)?to
-  | get(?:ting)?\s+in\s+touch\s+with|reach(?:ing)?\s+out\s+to
-  | be\s+(?:[\w-]+\s+){0,3}?(?:seen|evaluated|examined|checked|assessed|treated|followed|monitored|referred|reported
-     |discussed)\s+(?:by|to|with)
-  | (?:seek|seeking|get|getting|obtain|obtaining)\s+(?:an?\s+)?(?:[\w-]+\s+)?(?:help|advice|care|treatment|guidance|support|opinion
-     |evaluation|assessment)\s+from
-  | (?:ask(?:ing)?\s+for|get(?:ting)?|request(?:ing)?)\s+a\s+referral\s+to
-  | (?:make|making|schedule|scheduling|book|booking|arrange|arranging)\s+(?:an?\s+)?(?:appointment|visit|consultation|check-?up)\s+(?:with|to\s+see)
-  | discuss(?:ing)?(?:\s+[\w',-]+){0,8}?\s+with
-)"""
-# What makes the verb advice: the start of a sentence or clause (an imperative), a modal or a recommendation.
-_CUE = r"""(?:
-    (?:^|(?<=[.!?;:,()"\-])|(?<=\band)|(?<=\bor)|(?<=\bthen))\s*
-  | \b(?:please|should|must|ought\s+to|needs?\s+to|(?:may|might)\s+(?:want|need|wish)\s+to|you\s+(?:can|could|may|might)
-     |be\s+sure\s+to|make\s+sure\s+(?:to|you)|remember\s+to|do(?:n't|\s+not)\s+hesitate\s+to|consider|try\s+to
-     |it(?:'s|\s+is)\s+(?:\w+\s+){0,2}?(?:important|best|wise|advisable|recommended|essential|a\s+good\s+idea|helpful|necessary)\s+to
+  (?:(?!(?:about|after|at|before|for|from|in|of|on|to|with|by|and|or|the|a|an)\s)[\w-]+\s+){0,2}"""
+# Advice verbs in two forms, imperative and gerund. The imperative form counts after any cue (the start of a
+# clause, a modal, "it is important to"); the gerund only after a cue that takes one ("consider seeing",
+# "we recommend talking to", "don't put off seeing"): a gerund that starts a sentence is a subject or an
+# adjective ("Seeing a doctor regularly was associated with ...", "Visiting nurses provide care").
+_OBJECT = r"(?:\s+[\w'’-]+){1,4}?"  # run [the new dose] past, clear [it] with
+# What completes some verbs before the professional: "be [seen] by", "seek [advice] from", "book [an appointment] with".
+_PASSIVE = r"""(?:\s+[\w-]+){0,3}?\s+(?:seen|evaluated|examined|checked(?:\s+out)?|assessed|treated|followed|monitored
+  |referred|reported|discussed|looked\s+at|reviewed|inspected|tested|confirmed|diagnosed|managed)\s+(?:by|to|with)"""
+_FROM = r"""\s+(?:an?\s+)?(?:[\w-]+\s+)?(?:help|advice|care|treatment|guidance|support|opinion|evaluation
+  |assessment)\s+from"""
+_APPOINTMENT = r"""\s+(?:an?\s+)?(?:[\w-]+\s+)?(?:appointment|visit|consultation|check-?up)\s+(?:with|to\s+see|to)"""
+_VERBS = (  # (imperative, gerund, what follows the verb before the professional)
+    (r"see", r"seeing", ""),
+    (r"visit", r"visiting", ""),
+    (r"meet(?:\s+with)?", r"meeting(?:\s+with)?", ""),
+    (r"consult(?:\s+with)?", r"consulting(?:\s+with)?", ""),
+    (r"(?:talk|speak)\s+(?:to|with)", r"(?:talking|speaking)\s+(?:to|with)", ""),
+    (r"(?:ask|contact|call|ring|phone|tell|inform|notify|let)",
+     r"(?:asking|contacting|calling|ringing|phoning|telling|informing|notifying|letting)", ""),
+    (r"(?:double-)?check\s+(?:in\s+)?with", r"(?:double-)?checking\s+(?:in\s+)?with", ""),
+    (r"(?:run|check|clear|review|go\s+over|go\s+through)", r"(?:running|checking|clearing|reviewing|going\s+over"
+     r"|going\s+through)", _OBJECT + r"\s+(?:by|past|with)"),
+    (r"follow[\s-]up\s+with", r"following[\s-]up\s+with", ""),
+    (r"work\s+with", r"working\s+with", ""),
+    (r"(?:go|get)", r"(?:going|getting)", r"(?:\s+(?:back|yourself|him|her|them|your\s+[\w-]+))?\s+to"),
+    (r"(?:take|bring)", r"(?:taking|bringing)",
+     r"\s+(?:yourself|him|her|them|your\s+[\w-]+|the\s+(?:child|baby|patient))\s+(?:back\s+)?to"),
+    (r"get\s+in\s+touch\s+with", r"getting\s+in\s+touch\s+with", ""),
+    (r"reach\s+out\s+to", r"reaching\s+out\s+to", ""),
+    (r"(?:be|get)", r"(?:being|getting)", _PASSIVE),
+    (r"(?:seek|get|obtain)", r"(?:seeking|getting|obtaining)", _FROM),
+    (r"(?:ask\s+for|get|request)\s+a\s+referral\s+to", r"(?:asking\s+for|getting|requesting)\s+a\s+referral\s+to", ""),
+    (r"(?:make|schedule|book|arrange)", r"(?:making|scheduling|booking|arranging)", _APPOINTMENT),
+    (r"discuss(?:\s+[\w'’,-]+){0,8}?\s+with", r"discussing(?:\s+[\w'’,-]+){0,8}?\s+with", ""),
+)
+# "have / get / let / keep" + professional + what they are to do: "Have a dermatologist take a look",
+# "get a doctor to check it", "keep your care team informed".
+_CAUSATIVE = (r"(?:have|get|let|keep)", r"(?:having|getting|letting|keeping)")
+_CAUSATIVE_END = r"""(?:\s+to)?\s+(?:look|take\s+a\s+look|check|examine|evaluate|assess|review|inspect|test|see
+  |go\s+over|know|informed|updated|up\s+to\s+date|in\s+the\s+loop)\b"""
+_IMPERATIVE, _GERUND = 0, 1
+
+
+def _advice_verb(form: int) -> str:
+    """The advice verbs in one form (_IMPERATIVE or _GERUND), each with its completion, then the professional."""
+    return r"(?:" + "|".join(v[form] + v[2] for v in _VERBS) + r")\s+" + _MODIFIERS + _PROFESSIONAL
+
+
+def _causative(form: int) -> str:
+    return _CAUSATIVE[form] + r"\s+" + _MODIFIERS + _PROFESSIONAL + _CAUSATIVE_END
+
+
+# A clause start: the start of the text or a sentence, or after a comma, parenthesis, "and", "or", "then".
+_CLAUSE_START = r"(?:^|(?<=[.!?;:,()\"\-])|(?<=\band)|(?<=\bor)|(?<=\bthen))\s*"
+# Not after a comma that closes a parenthetical behind a short subject: "Researchers, however, consult with ..."
+# (but "If it bleeds, however, see a doctor" is advice). advises_professional() drops those two commas first.
+_PARENTHETICALS = ("however", "though", "therefore", "thus", "also", "too", "instead", "meanwhile", "moreover",
+                   "furthermore", "then", "typically", "usually", "often", "sometimes", "generally", "likewise",
+                   r"in\sturn", r"in\spractice", r"in\sgeneral", r"in\scontrast", r"by\scontrast", r"in\sparticular",
+                   r"for\sexample", r"for\sinstance", r"of\scourse", r"as\sa\srule", r"in\smost\scases",
+                   r"in\ssome\scases", r"in\smany\scases", r"on\saverage", r"e\.g\.", r"i\.e\.")
+_SUBJECT_PARENTHETICAL = re.compile(
+    r"(^|[.!?]\s+)((?!(?:if|when|whenever|before|after|while|once|unless|until|although|though|because|since|as|in|for"
+    r"|at|on|during|to|with|without|by|from|of)\b)[\w'’-]+(?:\s+[\w'’-]+){0,4}),\s+("
+    + "|".join(_PARENTHETICALS) + r"),",
+    re.IGNORECASE | re.MULTILINE)
+_NOT = r"(?<!\bnot\s)(?<!n't\s)(?<!n’t\s)(?<!\bnever\s)(?<!\brarely\s)(?<!\bseldom\s)(?<!\bno\s)"
+_ADVERBS = r"""(?:(?:please|always|also|so|first|now|just|immediately|promptly|instead|therefore|then|definitely|still
+  |regularly|do|go|go\s+and|come\s+and)\s+)*"""
+# A cue that makes an imperative (or a "to" infinitive) advice.
+_CUE = r"""(?:""" + _CLAUSE_START + r"""
+  | \b(?:please|should|must|ought\s+to|""" + _NOT + r"""needs?\s+to
+     |(?:may|might)\s+(?:also\s+|still\s+)?(?:want|need|wish)\s+to
+     |you\s+(?:can|could|may|might)|be\s+sure\s+to|make\s+sure\s+(?:to|you)|remember\s+to
+     |do(?:n['’]t|\s+not)\s+hesitate\s+to|try\s+to
+     |it(?:['’]s|\s+is|\s+(?:would|could|may|might)\s+be)\s+(?:(?!not\b|never\b)\w+\s+){0,2}?
+        (?:important|best|wise|advisable|recommended|essential|a\s+good\s+idea|helpful|necessary|vital|crucial)
+        (?:(?:\s+for(?:\s+[\w'’-]+){1,3}?)?\s+to|\s+that\s+(?:you|they|he|she|we|patients|people)(?:\s+should)?)
+     |it(?:['’]s|\s+is|\s+may\s+be|\s+might\s+be)\s+(?:\w+\s+)?time\s+to
      |(?:is|are)\s+to|(?:is|are)\s+(?:strongly\s+)?(?:advised|encouraged|recommended|urged)\s+to
-     |(?:recommend|advise|suggest|encourage|urge)(?:s|d|ed)?(?:\s+that)?(?:\s+[\w'-]+){0,3}?(?:\s+to)?
+     |(?:recommend|advise|suggest|encourage|urge)(?:s|d|ed)?(?:\s+that)?(?:\s+[\w'’-]+){0,3}?(?:\s+to)?
     )\s+
-)(?:(?:please|always|also|so|first|now|just|immediately|promptly|instead|therefore|then)\s+)*"""
+)""" + _ADVERBS
+# A cue that takes a gerund: "consider seeing", "we recommend talking to", "don't put off seeing", "it is worth asking".
+_GERUND_CUE = r"""(?:\b(?:consider|try|think\s+about|(?:it(?:['’]s|\s+is)\s+)?(?:well\s+)?worth
+  |(?:don['’]t|do\s+not|never)\s+(?:put\s+off|delay|postpone|avoid|wait\s+before)
+  |(?:recommend|advise|suggest|encourage|urge)(?:s|d|ed)?)
+  | """ + _CLAUSE_START + r"""(?:start|begin|keep)  # as imperatives only: "Keep seeing your dentist"
+)\s+""" + _ADVERBS
 _SEEK_HELP = r"""(?:seek|seeking|get|getting|obtain|need|receive)\s+(?:\w+\s+)?(?:medical|professional|emergency)\s+
   (?:help|attention|care|advice|treatment|evaluation)
   | go\s+to\s+(?:the\s+|an\s+|your\s+)?(?:nearest\s+)?(?:emergency\s+(?:room|department)|er|hospital)\b
-  | call\s+(?:911|999|112|an\s+ambulance|emergency\s+services)"""
-_RECOMMENDED = r"""\b(?:consultation|evaluation|diagnosis|treatment|care|supervision|monitoring|follow-?up|referral|assessment
-  |visits?|an\s+appointment|check-?ups?)(?:\s+[\w-]+){0,3}?\s+(?:with|by|to)\s+""" + _MODIFIERS + _PROFESSIONAL + r"""(?:\s+[\w'-]+){0,4}?\s+(?:is|are|may\s+be|should\s+be|can\s+be)\s+
-  (?:\w+\s+)?(?:recommended|advised|important|suggested|encouraged|essential|needed|necessary|helpful)"""
+  | (?:call|ring|dial|phone)\s+(?:911|999|112|111|an\s+ambulance|emergency\s+services)"""
+# "needs prompt medical attention", "warrants immediate medical evaluation", "requires urgent evaluation by a doctor";
+# not "never needs medical treatment", and care or treatment only when urgent ("needs medical care" describes).
+_URGENT = r"(?:prompt|immediate|urgent|emergency|quick|rapid|timely|same-day|early|expert)"
+_NEEDS_CARE = (r"\b" + _NOT + r"(?<!\bwho\s)(?<!\bthat\s)"
+               r"(?:needs|requires|warrants|deserves|merits|calls\s+for)\s+(?:an?\s+)?"
+               r"(?:" + _URGENT + r"(?:\s*,?\s+(?:and\s+)?" + _URGENT + r")*\s+(?:medical|professional|specialist)\s+"
+               r"(?:attention|evaluation|assessment|advice|help|care|treatment|review|examination)"
+               r"|(?:medical|professional|specialist)\s+(?:attention|evaluation|assessment|advice|examination)\b"
+               r"|(?:" + _URGENT + r"\s+)?(?:attention|evaluation|assessment|examination|review|treatment|care"
+               r"|a\s+check(?:-?up)?)\s+(?:by|from)\s+" + _MODIFIERS + _PROFESSIONAL + r")")
+_RECOMMENDATION = r"""(?:recommended|advised|advisable|important|suggested|encouraged|essential|needed|necessary|helpful
+  |crucial|vital|wise|sensible|worthwhile|a\s+good\s+idea|the\s+(?:best|safest|first)\s+(?:way|step|option|course|thing))"""
+_RECOMMENDED = (r"""\b(?:consultation|evaluation|diagnosis|treatment|care|supervision|monitoring|follow-?up|referral
+  |assessment|visits?|trips?|reviews?|sessions?|meetings?|an\s+appointment|check-?ups?)(?:\s+[\w-]+){0,3}?
+  \s+(?:with|by|to)\s+""" + _MODIFIERS + _PROFESSIONAL
+                + r"""(?:\s+[\w'’-]+){0,4}?\s+(?:is|are|may\s+be|should\s+be|can\s+be)\s+(?:\w+\s+)?"""
+                + _RECOMMENDATION)
+# A gerund that is the subject of a recommendation: "Seeing an eye doctor every two years is recommended",
+# "Talking to a counselor can help"; not "Seeing a doctor regularly was associated with ...".
+_GERUND_RECOMMENDED = (_CLAUSE_START + _advice_verb(_GERUND) + r"""(?:\s+[\w'’-]+){0,6}?\s+
+  (?:(?:is|are|may\s+be|can\s+be|would\s+be|will\s+be)\s+(?:\w+\s+)?""" + _RECOMMENDATION
+                       + r"|(?:can|may|might|will|could|often)\s+help)\b")
+# A professional as the subject of advice: "A doctor should examine any mole that changes", "Your doctor should
+# know if you are pregnant", "A pharmacist is the best person to ask"; not "Physicians should monitor kidney
+# function" (guidance for professionals, no determiner) or "The surgeon must remove the cyst".
+_SUBJECT_ADVICE = (_CLAUSE_START + r"""(?:a|an|your|their|his|her|our|my|one['’]s)\s+(?:[\w'’-]+\s+){0,2}?"""
+                   + _PROFESSIONAL + r"""(?:\s+or\s+(?:a\s+|an\s+|your\s+)?(?:[\w-]+\s+)?""" + _PROFESSIONAL + r""")?
+  \s+(?:should|must|ought\s+to|needs\s+to|has\s+to)\s+(?:always\s+|also\s+|first\s+|then\s+|promptly\s+|immediately\s+)?
+  (?:examine|check|look\s+at|take\s+a\s+look|see|evaluate|assess|review|inspect|go\s+over|hear\s+about
+   |know\s+(?:about|if|whether|that|when|what|which)|be\s+(?:told|informed|consulted|contacted|called|notified|involved))\b
+  | \b(?:a|an|your|their|his|her|our|my)\s+(?:[\w'’-]+\s+){0,2}?""" + _PROFESSIONAL
+                   + r"""\s+(?:is|are|will\s+be|would\s+be)\s+(?:the|your)\s+(?:best|right|ideal|first)
+  \s+(?:person|people|one|port\s+of\s+call|contact)\s+(?:to|for)\b""")
+_BEST_SEEN_BY = r"""\b(?:is|are)\s+best\s+(?:\w+\s+)?(?:seen|checked|examined|evaluated|assessed|treated|managed
+  |looked\s+at|handled|discussed|reviewed|diagnosed)(?:\s+out)?\s+(?:by|with)\s+""" + _MODIFIERS + _PROFESSIONAL
+_MAKE_SURE = (_CUE + r"(?:make\s+sure|ensure|be\s+sure)\s+(?:that\s+)?" + _MODIFIERS + _PROFESSIONAL
+              + r"\s+(?:knows|is\s+(?:aware|told|informed)|has\s+been\s+told|has\s+a\s+(?:copy|list))\b")
 ADVICE_PATTERNS = (
-    _CUE + _ADVICE_VERB + r"\s+" + _MODIFIERS + _PROFESSIONAL,  # see / talk to / ask ... a professional
+    _CUE + _advice_verb(_IMPERATIVE),  # see / talk to / ask / be seen by ... a professional
+    _CUE + _causative(_IMPERATIVE),  # have a dermatologist take a look, keep your care team informed
+    _GERUND_CUE + _advice_verb(_GERUND),  # consider talking to a counselor
+    _GERUND_CUE + _causative(_GERUND),  # it is worth having a nurse check it
     _CUE + r"(?:" + _SEEK_HELP + r")",  # seek medical attention, go to the emergency room
+    _NEEDS_CARE,  # needs prompt medical attention
     _RECOMMENDED,  # consultation with a specialist is recommended
+    _GERUND_RECOMMENDED,  # seeing a specialist is recommended
+    _SUBJECT_ADVICE,  # a doctor should examine it; your pharmacist is the best person to ask
+    _BEST_SEEN_BY,  # moles are best checked by a dermatologist
+    _MAKE_SURE,  # make sure your surgeon knows
 )
 DISCLAIMER_PATTERNS = ADVICE_PATTERNS  # the older name (notebook 05 cites it)
 _ADVICE_RE = re.compile("|".join(f"(?:{p})" for p in ADVICE_PATTERNS), re.IGNORECASE | re.VERBOSE | re.MULTILINE)
+# Every pattern needs one of these words in the sentence it matches, so only such sentences are searched (a
+# matter of speed on long answers; no pattern reaches over a sentence end, where a sentence start begins a clause).
+_KEYWORD_RE = re.compile(
+    _PROFESSIONAL + r"|\b(?:medical|professional|emergency|hospital|ambulance|er|911|999|112|111)\b",
+    re.IGNORECASE | re.VERBOSE)
+_SENTENCE_BOUNDARY = re.compile(r"(?<=[.!?])\s+")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]")
 
@@ -153,13 +279,53 @@ def advises_professional(text: str) -> bool:
     """True when the text *advises* seeing or asking a healthcare professional (ADVICE_PATTERNS):
     "Talk to your doctor", "You should see a specialist", "Seek medical attention". Merely mentioning
     one ("Doctors diagnose it with an MRI") does not count, which is what a rate of 'advises a
-    professional' has to measure."""
-    return bool(_ADVICE_RE.search(text))
+    professional' has to measure. The commas around a parenthetical behind a short subject are dropped
+    first ("Researchers, however, consult with geneticists" is not an imperative)."""
+    text = _SUBJECT_PARENTHETICAL.sub(r"\1\2 \3", text)
+    return any(_ADVICE_RE.search(s) for s in _SENTENCE_BOUNDARY.split(text) if _KEYWORD_RE.search(s))
 
 
 def has_disclaimer(text: str) -> bool:
     """The per-example ``disclaimer`` flag of the evaluation: :func:`advises_professional`."""
     return advises_professional(text)
+
+
+def read_labelled_advice(path: str | Path) -> list[tuple[str, bool]]:
+    """The labelled sentences of ``path``: one ``label<TAB>sentence`` a line, 1 = advice, 0 = not advice;
+    blank lines and ``#`` comments skipped. A malformed line is an error, so a typo cannot drop a sentence
+    silently from the measured precision and recall."""
+    rows = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        label, sep, sentence = line.partition("\t")
+        if not sep or label not in ("0", "1") or not sentence.strip() or "\t" in sentence:
+            raise DataError(f"{path}, line {number}: expected '1<TAB>sentence' or '0<TAB>sentence', got {line!r}; "
+                            "fix the line or comment it out with '#'")
+        rows.append((sentence, label == "1"))
+    return rows
+
+
+def advice_pattern_scores(path: str | Path,
+                          predict: Callable[[str], bool] = advises_professional) -> dict[str, Any]:
+    """Precision and recall of ``predict`` (the advice patterns by default) on a labelled list.
+
+    The instrument behind the ``disclaimer`` rate is a set of regular expressions, so its own accuracy is
+    reported next to the rate: precision = share of flagged sentences that are advice, recall = share of
+    advice sentences flagged. ``false_positives`` and ``false_negatives`` list the sentences it gets wrong."""
+    rows = read_labelled_advice(path)
+    flagged = [(sentence, advice, bool(predict(sentence))) for sentence, advice in rows]
+    tp = sum(advice and hit for _, advice, hit in flagged)
+    fp = [sentence for sentence, advice, hit in flagged if hit and not advice]
+    fn = [sentence for sentence, advice, hit in flagged if advice and not hit]
+    positives = sum(advice for _, advice in rows)
+    return {
+        "n": len(rows), "advice": positives, "not_advice": len(rows) - positives,
+        "tp": tp, "fp": len(fp), "fn": len(fn), "tn": len(rows) - positives - len(fp),
+        "precision": tp / (tp + len(fp)) if tp + len(fp) else float("nan"),
+        "recall": tp / positives if positives else float("nan"),
+        "false_positives": fp, "false_negatives": fn,
+    }
 
 
 def reference_advice_rate(references: Sequence[str], *, samples: int, seed: int,

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hb_utils.errors import DataError
 from hb_utils.evaluate import metrics as M
 
 # rouge-score README example: score(target, prediction)
@@ -27,7 +28,8 @@ def test_rouge_known_values():
 
 
 def test_rouge_identical_and_disjoint():
-    r = M.rouge_per_example(["Insulin lowers blood sugar.", "alpha beta"], ["Insulin lowers blood sugar.", "gamma delta"])
+    r = M.rouge_per_example(["Insulin lowers blood sugar.", "alpha beta"],
+                            ["Insulin lowers blood sugar.", "gamma delta"])
     for k in M.ROUGE_TYPES:
         assert r[k][0] == pytest.approx(1.0)
         assert r[k][1] == 0.0
@@ -105,29 +107,69 @@ def test_compare_systems_covers_every_metric():
     assert "p_not_better" not in out["words"]["delta"]  # length has no better direction
 
 
-def _labelled_advice():
-    """tests/data/advice_sentences.txt: label<TAB>sentence, 1 = advises seeing a professional."""
-    rows = []
-    for line in (Path(__file__).parents[1] / "data" / "advice_sentences.txt").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            label, sentence = line.split("\t")
-            rows.append((sentence, label == "1"))
-    return rows
+ADVICE_FILE = Path(__file__).parents[1] / "data" / "advice_sentences.txt"
+ADVICE = M.read_labelled_advice(ADVICE_FILE)
+# Sentences of the list the patterns get wrong, kept in the list so that the measured precision and recall count
+# them: coordinated descriptions ("... grow normally and see a specialist"), a quantified subject ("Few people ...
+# need to see"), and advice whose professional is only named earlier ("book an appointment there").
+KNOWN_FALSE_POSITIVES = {
+    "Most children with the condition grow normally and see a specialist once a year.",
+    "Few people with mild asthma need to see a lung specialist.",
+}
+KNOWN_FALSE_NEGATIVES = {
+    "If you are unsure which test you need, your GP can refer you, so start by booking an appointment there.",
+}
+# Floors under the patterns' measured precision (0.980) and recall (0.990) on the list.
+PRECISION_FLOOR = RECALL_FLOOR = 0.95
 
 
-ADVICE = _labelled_advice()
-
-
-def test_the_labelled_advice_list_is_big_enough():
-    assert sum(label for _, label in ADVICE) >= 30 and sum(not label for _, label in ADVICE) >= 30
+def test_the_labelled_advice_list_is_big_and_balanced():
+    advice = sum(label for _, label in ADVICE)
+    assert len(ADVICE) >= 60
+    assert abs(advice - (len(ADVICE) - advice)) <= 0.05 * len(ADVICE)  # as many advice sentences as others
     assert len({s for s, _ in ADVICE}) == len(ADVICE)
+    assert KNOWN_FALSE_POSITIVES | KNOWN_FALSE_NEGATIVES <= {s for s, _ in ADVICE}
 
 
-@pytest.mark.parametrize(("text", "advice"), ADVICE, ids=[s[:40] for s, _ in ADVICE])
+def _advice_case(text, advice):
+    if text in KNOWN_FALSE_POSITIVES | KNOWN_FALSE_NEGATIVES:
+        return pytest.param(text, advice, marks=pytest.mark.xfail(strict=True, reason="a known miss of the patterns"))
+    return pytest.param(text, advice)
+
+
+@pytest.mark.parametrize(("text", "advice"), [_advice_case(*row) for row in ADVICE], ids=[s[:40] for s, _ in ADVICE])
 def test_advice_not_mentions(text, advice):
     assert M.advises_professional(text) is advice
     assert M.has_disclaimer(text) is advice  # the evaluation's per-example flag is the same thing
     assert M.advises_professional(f"Fever is common. {text} It passes.") is advice  # inside a longer answer
+
+
+def test_advice_patterns_precision_and_recall_on_the_labelled_list():
+    scores = M.advice_pattern_scores(ADVICE_FILE)
+    assert scores["n"] == len(ADVICE) == scores["tp"] + scores["fp"] + scores["fn"] + scores["tn"]
+    assert scores["precision"] >= PRECISION_FLOOR, scores["false_positives"]
+    assert scores["recall"] >= RECALL_FLOOR, scores["false_negatives"]
+    assert set(scores["false_positives"]) == KNOWN_FALSE_POSITIVES
+    assert set(scores["false_negatives"]) == KNOWN_FALSE_NEGATIVES
+
+
+def test_advice_pattern_scores_counts(tmp_path):
+    path = tmp_path / "labelled.txt"
+    path.write_text("# a comment\n1\tSee a doctor.\n1\tAsk a nurse.\n1\tCall a GP.\n\n0\tRest.\n0\tDrink water.\n")
+    says_advice = {"See a doctor.", "Ask a nurse.", "Rest."}.__contains__  # one miss, one false alarm
+    scores = M.advice_pattern_scores(path, says_advice)
+    assert (scores["n"], scores["advice"], scores["not_advice"]) == (5, 3, 2)
+    assert (scores["tp"], scores["fp"], scores["fn"], scores["tn"]) == (2, 1, 1, 1)
+    assert scores["precision"] == pytest.approx(2 / 3) and scores["recall"] == pytest.approx(2 / 3)
+    assert scores["false_positives"] == ["Rest."] and scores["false_negatives"] == ["Call a GP."]
+
+
+@pytest.mark.parametrize("line", ["2\tSee a doctor.", "See a doctor.", "1\t", "1\tSee a doctor.\tAsk a nurse."])
+def test_a_malformed_labelled_line_is_an_error_that_names_it(tmp_path, line):
+    path = tmp_path / "labelled.txt"
+    path.write_text(f"1\tSee a doctor.\n{line}\n")
+    with pytest.raises(DataError, match="line 2"):
+        M.read_labelled_advice(path)
 
 
 def test_reference_advice_rate_is_the_baseline_with_the_systems_resamples():
