@@ -13,14 +13,25 @@ while the total stays under :data:`MAX_SHARE` of the memory available when the m
 that the rest keep dequantizing per call. ``HB_DEQUANT_CACHE=0`` turns it off.
 
 A 4-bit weight never learns (integer storage; LoRA trains beside it); a layer that runs off the CPU
-uses bitsandbytes' own forward. If a layer's 4-bit weight is replaced (e.g. a PEFT merge into the
-4-bit model), the cache notices the new tensor and dequantizes again.
+uses bitsandbytes' own forward. A kept weight is only reused while it still describes the layer: the
+same parameter object (PEFT's merge and unmerge into a 4-bit model put a new one in place), the same
+quantization state and storage, an unchanged version counter (in-place writes) and the same compute
+dtype. Otherwise the layer is dequantized again. The parameter is recognised by a weak reference, not
+by its storage address: a freed address is soon reused by the next weight of the same size, which
+then looked like the old one. Writes through ``weight.data`` are invisible to the version counter (as
+they are to autograd) and are only noticed when they move the storage.
+
+The kept weight is always an ordinary tensor, even when it is first computed under
+``torch.inference_mode`` (generation): an inference tensor cannot be saved for backward, so a sample
+answer generated before training would otherwise break training's backward pass.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import weakref
 from typing import Any
 
 import torch
@@ -55,13 +66,43 @@ def dequantize(module: Any, dtype: torch.dtype) -> torch.Tensor:
         module.weight.data.view(-1, 1), absmax, state.blocksize, state.quant_type, state.shape, dtype)
 
 
+# Params4bit's Python __torch_function__ makes each tensor method call cost ~10 us; the checks below run in
+# every forward of every 4-bit layer, so they call the C methods directly.
+_PLAIN_TENSOR_CALLS = getattr(torch._C, "DisableTorchFunctionSubclass", contextlib.nullcontext)
+
+
+def _storage_and_version(param: torch.Tensor) -> tuple[int, int | None]:
+    """The parameter's storage address and in-place write counter (inference tensors keep none)."""
+    with _PLAIN_TENSOR_CALLS():
+        return param.data_ptr(), None if param.is_inference() else param._version
+
+
 class _CachedForward:
     """Replaces one ``Linear4bit.forward``: the same casts as bitsandbytes, the kept weight."""
 
     def __init__(self, module: Any) -> None:
         self.module = module
-        self.key: tuple[int, torch.dtype] | None = None
         self.weight: torch.Tensor | None = None
+        # What self.weight was computed from: weak references to the parameter and its quantization
+        # state (a strong one would keep a replaced 4-bit weight alive), the dtype, and the parameter's
+        # storage address and version.
+        self.source: tuple[Any, ...] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles leave the kept weight behind (weak references cannot be pickled, and a
+        copy would double the memory); the first forward of the copy dequantizes again."""
+        return {"module": self.module, "weight": None, "source": None}
+
+    def _describes(self, param: Any, dtype: torch.dtype) -> bool:
+        s = self.source
+        return (s is not None and s[0]() is param and s[1]() is param.quant_state and s[2] == dtype
+                and s[3] == _storage_and_version(param))
+
+    def _refresh(self, param: Any, dtype: torch.dtype) -> None:
+        # inference_mode(False) turns grad mode on, hence no_grad inside it: an ordinary tensor, no graph.
+        with torch.inference_mode(False), torch.no_grad():
+            self.weight = dequantize(self.module, dtype)
+        self.source = (weakref.ref(param), weakref.ref(param.quant_state), dtype, _storage_and_version(param))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
@@ -70,9 +111,8 @@ class _CachedForward:
         inp_dtype = x.dtype
         if m.compute_dtype is not None:
             x = x.to(m.compute_dtype)
-        key = (m.weight.data_ptr(), x.dtype)
-        if key != self.key:
-            self.weight, self.key = dequantize(m, x.dtype), key
+        if not self._describes(m.weight, x.dtype):
+            self._refresh(m.weight, x.dtype)
         bias = None if m.bias is None else m.bias.to(x.dtype)
         return F.linear(x, self.weight, bias).to(inp_dtype)
 
