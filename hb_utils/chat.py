@@ -6,8 +6,9 @@ Why it looks the way it does:
   base exactly as stage 04 does (:func:`hb_utils.model.loading.load_adapter_model`, which refuses a
   missing adapter or one of another base model); an exported merged model
   (``outputs/<exp>/export/merged``) loads as a plain transformers model. Prompts use the run's system
-  prompt and the tokenizer's own chat template, and stop at its end-of-turn token, so a greedy
-  chat answer equals :func:`hb_utils.model.generation.generate_answers` for the same question.
+  prompt and the tokenizer's own chat template, and stop at its end-of-turn token; temperature 0
+  is 04's greedy decoding (no sampling, no repetition penalty: :func:`generation_kwargs`), so a
+  temperature-0 chat answer equals :func:`hb_utils.model.generation.generate_answers` for the same question.
 * **Fine-tuned / Base switch** = the adapter switched off on the *same* loaded model
   (``disable_adapter()``), so the two differ only by the adapter (as in 04).
 * **Streaming** with transformers' ``TextIteratorStreamer``: ``generate`` runs in a thread and
@@ -77,7 +78,8 @@ def load_chat_model(path: str | Path) -> ChatModel:
     root = resolve(path)
     if not (root / "config.json").is_file():
         raise RunError(f"{root} is neither a run directory nor an exported model (no config.json). Pass "
-                       "outputs/<experiment> (after `hb run`) or outputs/<experiment>/export/merged (after `hb export`).")
+                       "outputs/<experiment> (after `hb run`) or outputs/<experiment>/export/merged "
+                       "(after `hb export`).")
     if "config" in read_json(root / "config.json"):  # a run directory: config.json written by `hb run`
         cfg = run_config(root)
         model, tokenizer = loading.load_adapter_model(cfg, RunPaths.for_config(cfg).adapter)
@@ -116,7 +118,8 @@ def _text(content: Any) -> str:
 
 def conversation(history: list[dict[str, Any]]) -> list[dict[str, str]]:
     """Complete user/assistant turns of the chat history, without replies that were input messages."""
-    msgs = [{"role": m["role"], "content": _text(m.get("content"))} for m in history if m.get("role") in ("user", "assistant")]
+    msgs = [{"role": m["role"], "content": _text(m.get("content"))}
+            for m in history if m.get("role") in ("user", "assistant")]
     turns = []
     for i in range(len(msgs) - 1):
         user, reply = msgs[i], msgs[i + 1]
@@ -125,7 +128,8 @@ def conversation(history: list[dict[str, Any]]) -> list[dict[str, str]]:
     return turns
 
 
-def fit_prompt(tokenizer: Any, cfg: ExperimentConfig, turns: list[dict[str, str]], message: str) -> tuple[list[int], int]:
+def fit_prompt(tokenizer: Any, cfg: ExperimentConfig, turns: list[dict[str, str]],
+               message: str) -> tuple[list[int], int]:
     """Prompt ids for ``turns`` + ``message`` within ``cfg.max_length`` tokens, dropping the oldest
     turns first; returns (ids, turns dropped). ValueError when the message alone does not fit."""
     system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
@@ -150,13 +154,17 @@ class StopFlag:
 
 def generation_kwargs(chat: ChatModel, temperature: float, top_p: float, repetition_penalty: float,
                       max_new_tokens: int) -> dict[str, Any]:
-    """``generate`` settings; temperature 0 means greedy (as 04 evaluates)."""
-    kw: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "eos_token_id": tokenizer_policy.stop_token_ids(chat.tokenizer),
-                          "pad_token_id": chat.tokenizer.pad_token_id, "repetition_penalty": float(repetition_penalty)}
+    """``generate`` settings. Temperature 0 is stage 04's greedy decoding exactly: no sampling and no
+    repetition penalty (04 uses none), whatever ``top_p`` and ``repetition_penalty`` say, so a
+    temperature-0 chat answer equals the evaluated one. Both are set explicitly because an exported
+    model's generation_config samples with the run's penalty and would otherwise apply it."""
+    kw: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "pad_token_id": chat.tokenizer.pad_token_id,
+                          "eos_token_id": tokenizer_policy.stop_token_ids(chat.tokenizer)}
     if temperature and temperature > 0:
-        kw.update(do_sample=True, temperature=float(temperature), top_p=float(top_p))
+        kw.update(do_sample=True, temperature=float(temperature), top_p=float(top_p),
+                  repetition_penalty=float(repetition_penalty))
     else:
-        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None, repetition_penalty=1.0)
     return kw
 
 
@@ -203,7 +211,8 @@ class ChatSession:
         def work() -> None:
             try:
                 with chat.model.disable_adapter() if base else contextlib.nullcontext(), torch.inference_mode():
-                    out = chat.model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), streamer=streamer,
+                    out = chat.model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs),
+                                              streamer=streamer,
                                               stopping_criteria=StoppingCriteriaList([StopFlag(stop)]), **kw)
                 result["new_tokens"] = out.shape[1] - inputs.shape[1]
             except Exception as exc:  # shown in the chat; the streamer must still end
@@ -246,7 +255,8 @@ def build_app(chat: ChatModel) -> gr.Blocks:
                         else "An exported model has no Base: chat with the run directory to compare")
         note = gr.Markdown("", elem_id="hb-note")
         with gr.Accordion("Advanced", open=False):
-            temperature = gr.Slider(0.0, 2.0, value=cfg.qual_temperature, step=0.05, label="temperature (0 = greedy)")
+            temperature = gr.Slider(0.0, 2.0, value=cfg.qual_temperature, step=0.05,
+                                    label="temperature (0 = greedy as in 04, no penalty)")
             top_p = gr.Slider(0.05, 1.0, value=cfg.qual_top_p, step=0.05, label="top_p")
             rep = gr.Slider(1.0, 2.0, value=cfg.qual_repetition_penalty, step=0.05, label="repetition penalty")
             max_new = gr.Slider(1, 1024, value=cfg.qual_max_new_tokens, step=1, label="max new tokens")
@@ -293,7 +303,8 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 7860, *, block:
     return demo
 
 
-def show_in_notebook(run: ExperimentConfig | str | Path, *, enabled: bool | None = None, height: int = 640) -> gr.Blocks | None:
+def show_in_notebook(run: ExperimentConfig | str | Path, *, enabled: bool | None = None,
+                     height: int = 640) -> gr.Blocks | None:
     """Render the chat app inline at the end of ``05_qualitative`` when a person runs the notebook.
 
     Under papermill / ``hb run`` (headless, see :func:`hb_utils.progress.is_headless`) it loads

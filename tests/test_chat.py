@@ -144,6 +144,27 @@ def test_sampling_settings_come_from_the_run(tiny_run: Path):  # noqa: F811
     assert chat.generation_kwargs(cm, 0.0, 0.9, 1.0, 5)["do_sample"] is False
 
 
+def test_temperature_0_chat_is_04s_greedy_decoding(tiny_run: Path):  # noqa: F811
+    """Only the temperature moved to 0, the other settings the run's (repetition penalty 1.15; the exported
+    model's generation_config samples with it too): the chat answers exactly as 04 evaluated."""
+    from hb_utils.evaluate import evaluation
+
+    merge.export_run(tiny_run, log=lambda *_: None)  # reused when another test made it already
+    adapter = chat.load_chat_model(tiny_run)
+    cfg = adapter.cfg
+    assert cfg.qual_repetition_penalty == 1.15
+    n = cfg.qual_max_new_tokens
+    want = evaluation.generate(adapter.model, adapter.tokenizer, [QUESTION], cfg, max_new_tokens=n,
+                               do_sample=False)[0].text  # 04's call (evaluation.run_evaluation)
+    penalised = evaluation.generate(adapter.model, adapter.tokenizer, [QUESTION], cfg, max_new_tokens=n,
+                                    do_sample=False, repetition_penalty=cfg.qual_repetition_penalty)[0].text
+    assert want and penalised != want  # the penalty would change this answer
+    assert chat.generation_kwargs(adapter, 0.0, 0.9, 1.15, n)["repetition_penalty"] == 1.0
+    for cm in (adapter, chat.load_chat_model(tiny_run / "export" / "merged")):
+        *_, (answer, note) = chat.ChatSession(cm).respond(QUESTION, [], temperature=0.0)
+        assert answer == want, cm.kind
+
+
 def test_chat_with_the_exported_merged_model(tiny_run: Path):  # noqa: F811
     merge.export_run(tiny_run, log=lambda *_: None)  # reused when test_export made it already
     merged = tiny_run / "export" / "merged"

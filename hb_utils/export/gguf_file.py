@@ -9,6 +9,15 @@ the hyper-parameter keys, token types (special added tokens are CONTROL, so they
 whole and never printed) and the Q/K row permutation llama.cpp's rotary embedding expects
 (transformers undoes it when it loads a GGUF, see its ``TensorProcessor``).
 
+**Tokenizer flags.** Two keys tell llama.cpp and Ollama how to tokenize a prompt, and both must
+say what the kit's tokenizer does, because their defaults differ by runtime: Ollama's Llama runner
+adds a BOS unless ``tokenizer.ggml.add_bos_token`` is false, and llama.cpp prepends a space to
+SentencePiece text unless ``tokenizer.ggml.add_space_prefix`` is false. ``gguf.SpecialVocab`` takes
+``add_bos_token`` from ``tokenizer_config.json``, where transformers 5 no longer writes it, so the
+kit writes both itself (:func:`tokenizer_flags`): ``add_bos_token`` from the kit's BOS policy
+(:func:`hb_utils.model.tokenizer.adds_bos`: false for SmolLM2, true where the tokenizer adds BOS to
+plain text) and ``add_space_prefix`` from what the tokenizer does to the start of a text.
+
 The **round trip** loads the file back with transformers (``gguf_file=``) and compares its
 next-token distributions with the merged model on the run's evaluation prompts
 (:func:`hb_utils.export.agreement.compare_models`). f16 stores the merged fp16 weights exactly, so it must
@@ -71,6 +80,29 @@ def pre_tokenizer_name(cfg: ExperimentConfig) -> str:
     return "default"
 
 
+def space_prefix(tokenizer: Any, tok_model: str) -> bool:
+    """Whether llama.cpp must prepend a space to a text before tokenizing it (``add_space_prefix``).
+
+    Only SentencePiece-style vocabularies (GGUF tokenizer model ``llama``) use the flag: SentencePiece's
+    "dummy prefix" turns the start of a text into a word start (``"a"`` -> ``"▁a"``), which llama.cpp
+    reproduces by prepending a space. Whether the tokenizer does it is read from what it does (a probe
+    word tokenized without special tokens starts with the ``▁`` word marker), not from a config flag: the
+    same behaviour is spelled as a ``Prepend`` normalizer, a ``Metaspace`` pre-tokenizer with
+    ``prepend_scheme`` ``first``/``always``, or ``add_dummy_prefix`` in a ``.model`` file. Byte-level BPE
+    (``gpt2``, SmolLM2) marks spaces with ``Ġ`` itself and llama.cpp ignores the flag for it: false.
+    """
+    if tok_model != "llama":
+        return False
+    ids = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return bool(ids) and tokenizer.convert_ids_to_tokens(ids[0]).startswith("\u2581")
+
+
+def tokenizer_flags(tokenizer: Any, tok_model: str) -> dict[str, bool]:
+    """``tokenizer.ggml.add_bos_token`` and ``add_space_prefix`` for ``tokenizer`` (module docstring)."""
+    return {"add_bos_token": tokenizer_policy.adds_bos(tokenizer),
+            "add_space_prefix": space_prefix(tokenizer, tok_model)}
+
+
 def write_gguf(model_dir: Path, out: Path, qtype: str, *, name: str, pre: str) -> Path:
     """Write the merged model in ``model_dir`` as a GGUF file ``out`` (``f16`` or ``q8_0``), atomically."""
     import gguf
@@ -108,8 +140,8 @@ def write_gguf(model_dir: Path, out: Path, qtype: str, *, name: str, pre: str) -
     vocab, tok_model = _vocab(model_dir)
     tokens, scores, types = zip(*vocab.all_tokens(), strict=True)
     types = list(types)
+    hf_tok = AutoTokenizer.from_pretrained(model_dir)
     if tok_model == "gpt2":  # BpeVocab marks every token in the base vocab NORMAL; specials must be CONTROL
-        hf_tok = AutoTokenizer.from_pretrained(model_dir)
         for idx, added in hf_tok.added_tokens_decoder.items():
             types[idx] = gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED
     w.add_tokenizer_model(tok_model)
@@ -117,7 +149,11 @@ def write_gguf(model_dir: Path, out: Path, qtype: str, *, name: str, pre: str) -
     w.add_token_list(list(tokens))
     w.add_token_scores(list(scores))
     w.add_token_types(types)
-    gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens))
+    flags = tokenizer_flags(hf_tok, tok_model)
+    special.add_special_token["bos"] = flags["add_bos_token"]  # replaces SpecialVocab's guess: one key, ours
+    special.add_to_gguf(w, quiet=True)
+    w.add_add_space_prefix(flags["add_space_prefix"])
 
     tmap = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     state: dict[str, torch.Tensor] = {}
@@ -179,15 +215,29 @@ def role_wrappers(tokenizer: Any) -> dict[str, tuple[str, str]]:
 
 def modelfile_text(gguf_name: str, tokenizer: Any, cfg: ExperimentConfig) -> str:
     """An Ollama Modelfile: the model's chat template as a Go template over ``.Messages``, its stop
-    tokens, the run's system prompt and qualitative sampling settings."""
+    tokens, the run's system prompt and qualitative sampling settings.
+
+    * No ``SYSTEM`` line when the run's ``system_prompt`` is empty: an empty ``SYSTEM`` block would send an
+      empty system turn and so remove the default one the chat template adds (SmolLM2's), while the kit's
+      evaluation and chat leave the system turn out (:func:`hb_utils.model.generation.prompt_messages`) so
+      that the template's default applies.
+    * Where the tokenizer adds BOS (the GGUF says ``add_bos_token`` true, so Ollama adds it to every
+      prompt), the BOS the kit's chat template renders is left out of the Go template: exactly one BOS,
+      with or without a system message.
+    """
     wrap = role_wrappers(tokenizer)
+    if tokenizer_policy.adds_bos(tokenizer) and tokenizer.bos_token:
+        pre, post = wrap["system"]
+        wrap["system"] = (pre.removeprefix(tokenizer.bos_token), post)
     branches = "".join(
         f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{role}" }}}}{_go_literal(pre)}{{{{ .Content }}}}'
         f"{_go_literal(post)}" for i, (role, (pre, post)) in enumerate(wrap.items()))
     template = f"{{{{ range .Messages }}}}{branches}{{{{ end }}}}{{{{ end }}}}{_go_literal(wrap['assistant'][0])}"
     stops = [tokenizer.convert_ids_to_tokens(i) for i in tokenizer_policy.stop_token_ids(tokenizer)]
-    lines = [f"# HealthBot ({cfg.experiment}): research model, not medical advice. `ollama create healthbot -f <this file>`",
-             f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""', f'SYSTEM """{cfg.system_prompt}"""']
+    lines = [f"# HealthBot ({cfg.experiment}): research model, not medical advice. "
+             "`ollama create healthbot -f <this file>`", f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
+    if cfg.system_prompt:
+        lines.append(f'SYSTEM """{cfg.system_prompt}"""')
     lines += [f'PARAMETER stop "{t}"' for t in stops]
     lines += [f"PARAMETER temperature {cfg.qual_temperature}", f"PARAMETER top_p {cfg.qual_top_p}",
               f"PARAMETER repeat_penalty {cfg.qual_repetition_penalty}",
@@ -208,17 +258,25 @@ def roundtrip(model_dir: Path, gguf_path: Path, cfg: ExperimentConfig, questions
                           max_new_tokens=cfg.eval_max_new_tokens, candidate_tokenizer=back_tok)
 
 
+def write_modelfile(cfg: ExperimentConfig, model_dir: Path, gguf_path: Path, qtype: str) -> Path:
+    """Write ``Modelfile.<qtype>`` next to ``gguf_path`` from the run's current config (atomically)."""
+    from transformers import AutoTokenizer
+
+    modelfile = gguf_path.parent / f"Modelfile.{qtype}"
+    tmp = modelfile.with_name(f".{modelfile.name}.tmp-{os.getpid()}")
+    tmp.write_text(modelfile_text(gguf_path.name, AutoTokenizer.from_pretrained(model_dir), cfg))
+    tmp.replace(modelfile)
+    return modelfile
+
+
 def export_gguf(cfg: ExperimentConfig, model_dir: Path, out_dir: Path, qtype: str, questions: list[str],
                 log: Any = print) -> dict[str, Any]:
     """GGUF file + Modelfile + round-trip measurement (``<qtype>_roundtrip.json``) in ``out_dir``."""
-    from transformers import AutoTokenizer
-
     t0 = time.perf_counter()
     out = out_dir / f"healthbot-{cfg.experiment}-{qtype}.gguf"
     write_gguf(model_dir, out, qtype, name=f"HealthBot {cfg.experiment}", pre=pre_tokenizer_name(cfg))
     seconds = round(time.perf_counter() - t0, 1)
-    modelfile = out_dir / f"Modelfile.{qtype}"
-    modelfile.write_text(modelfile_text(out.name, AutoTokenizer.from_pretrained(model_dir), cfg))
+    modelfile = write_modelfile(cfg, model_dir, out, qtype)
     log(f"GGUF {qtype}: {out} ({out.stat().st_size / 2**20:.1f} MiB, {seconds} s); checking the round trip ...")
     rt = roundtrip(model_dir, out, cfg, questions)
     write_json(out_dir / f"{qtype}_roundtrip.json", rt)

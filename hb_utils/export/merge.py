@@ -18,6 +18,13 @@ generation_config stopping at the end-of-turn token, README.md model card),
 ``export/hb_export.json`` (which adapter made it), ``export/gguf/`` (see :mod:`hb_utils.export.gguf_file`).
 An export folder that holds another adapter's export is refused unless ``overwrite``, which moves it
 aside (``export.replaced-<time>``), never deleting it.
+
+**Reuse.** Exporting the same adapter again (same dtype, same or ``auto`` merge mode) keeps the merged
+weights, but everything that comes from the run's config is rewritten from the current one: the
+generation settings in ``generation_config.json``, ``healthbot_config.json`` (what ``hb chat`` reads),
+the model card and existing Ollama Modelfiles. An evaluation-only rerun (``qual_temperature``,
+``qual_max_new_tokens``, ...) changes the config without changing the adapter, so a reused export
+would otherwise keep sampling with the old settings.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ from hb_utils.model import tokenizer as tokenizer_policy
 from hb_utils.run_dir import RunPaths, read_json, run_config, utc_now, write_json
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 MERGE_MODES = ("auto", "base", "dequantized")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -156,6 +163,29 @@ def _better(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return (a["greedy_token_agreement"], -a["mean_abs_dp"]) >= (b["greedy_token_agreement"], -b["mean_abs_dp"])
 
 
+def set_sampling(gen: GenerationConfig, cfg: ExperimentConfig) -> GenerationConfig:
+    """Put the run's qualitative sampling settings (as 05 samples) into ``gen`` and return it.
+
+    ``do_sample`` is True and the repetition penalty is the run's, so a plain ``model.generate(ids)``
+    samples like 05; 04's greedy answers need ``do_sample=False, repetition_penalty=1.0`` (the model
+    card says so)."""
+    gen.do_sample, gen.temperature, gen.top_p = True, cfg.qual_temperature, cfg.qual_top_p
+    gen.repetition_penalty, gen.max_new_tokens = cfg.qual_repetition_penalty, cfg.qual_max_new_tokens
+    return gen
+
+
+def write_settings(cfg: ExperimentConfig, merged: Path) -> None:
+    """Rewrite what a reused merged model takes from the run's config: the sampling settings of its
+    ``generation_config.json`` and its ``healthbot_config.json`` (both atomically)."""
+    from transformers import GenerationConfig
+
+    gen = set_sampling(GenerationConfig.from_pretrained(merged), cfg)
+    tmp = merged / ".generation_config.json.tmp"
+    gen.to_json_file(tmp)
+    tmp.replace(merged / "generation_config.json")
+    write_json(merged / EXPORT_CONFIG, {"config": cfg.to_dict()})
+
+
 def save_merged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: ExperimentConfig, target: Path,
                 dtype: str) -> Path:
     """Write the merged model (``dtype``), tokenizer and a generation_config that stops at the
@@ -171,8 +201,7 @@ def save_merged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg:
     gen = model.generation_config
     gen.eos_token_id = stops if len(stops) > 1 else eot
     gen.pad_token_id, gen.bos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id
-    gen.do_sample, gen.temperature, gen.top_p = True, cfg.qual_temperature, cfg.qual_top_p
-    gen.repetition_penalty, gen.max_new_tokens = cfg.qual_repetition_penalty, cfg.qual_max_new_tokens
+    set_sampling(gen, cfg)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # for batched generation by users; training set it to right
 
@@ -245,6 +274,14 @@ def export_run(run_dir: str | Path, *, merge_into: str = "auto", dtype: str = "f
         record = {"adapter": identity, "experiment": cfg.experiment, "merge_into": best_mode, "dtype": dtype,
                   "save_seconds": round(time.perf_counter() - t0, 1), "created": utc_now(), "gguf": {}}
         del reference, best
+    else:
+        write_settings(cfg, paths.merged)
+        for qtype, g in record.get("gguf", {}).items():
+            gguf_path = paths.gguf / Path(g["file"]).name
+            if qtype != gguf and gguf_path.is_file():
+                g["modelfile"] = str(gguf_file.write_modelfile(cfg, paths.merged, gguf_path, qtype))
+        log(f"reusing the merged model of this adapter; its generation settings, {EXPORT_CONFIG}, model card and "
+            "Modelfiles are rewritten from the run's config")
     record["merged_bytes"] = sum(f.stat().st_size for f in paths.merged.iterdir() if f.suffix == ".safetensors")
     write_json(paths.marker, record)
     if gguf:

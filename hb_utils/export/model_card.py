@@ -72,10 +72,19 @@ def _gguf_section(record: dict[str, Any]) -> str:
     lines = []
     for qtype, g in record["gguf"].items():
         rt = g.get("roundtrip", {})
+        agreement, max_dp = rt.get("greedy_token_agreement", float("nan")), rt.get("max_abs_dp", float("nan"))
         lines.append(f"- `{Path(g['file']).name}` ({qtype}, {g['bytes'] / 2**20:.1f} MiB) with an Ollama `Modelfile`. "
                      f"Loaded back with transformers and compared with this merged model: greedy-token agreement "
-                     f"{rt.get('greedy_token_agreement', float('nan')):.3f}, max |Δp| {rt.get('max_abs_dp', float('nan')):.2e}.")
+                     f"{agreement:.3f}, max |Δp| {max_dp:.2e}.")
     return "\n".join(lines)
+
+
+def greedy_kwargs(cfg: ExperimentConfig) -> str:
+    """The ``generate`` arguments that reproduce stage 04's greedy answers on the merged model: no
+    sampling and no repetition penalty, overriding the sampling defaults of its generation_config
+    (:func:`hb_utils.export.merge.set_sampling`), and 04's answer length."""
+    return (f"do_sample=False, temperature=None, top_p=None, repetition_penalty=1.0, "
+            f"max_new_tokens={cfg.eval_max_new_tokens}")
 
 
 def _shown(path: Path) -> str:
@@ -111,8 +120,17 @@ ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tenso
 print(tok.decode(model.generate(**ids)[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
 
-`generation_config.json` stops at the chat template's end-of-turn token and samples with the run's settings
-(temperature {cfg.qual_temperature}, top_p {cfg.qual_top_p}, repetition penalty {cfg.qual_repetition_penalty}).
+`generation_config.json` stops at the chat template's end-of-turn token and samples with the run's qualitative
+settings, as stage 05 did: `do_sample: true`, temperature {cfg.qual_temperature}, top_p {cfg.qual_top_p},
+`repetition_penalty: {cfg.qual_repetition_penalty}`, max_new_tokens {cfg.qual_max_new_tokens}. Every
+`generate` call starts from these, so `model.generate(**ids, do_sample=False)` alone is greedy *with* the
+repetition penalty, which is not how the model was evaluated. Stage 04's greedy answers (the ones its metrics
+score) need the penalty switched off as well:
+
+```python
+out = model.generate(**ids, {greedy_kwargs(cfg)})
+```
+
 The system prompt it was trained with:
 
 > {cfg.system_prompt}
@@ -137,7 +155,8 @@ under **CC BY 4.0** (attribution required). This run used {cfg.sample_size} samp
 QLoRA (r={cfg.lora_r}, alpha={cfg.lora_alpha}, 4-bit {cfg.bnb_4bit_quant_type}) on `{cfg.model_name}`, then PEFT
 `merge_and_unload`. {_measurement_line(paths, record)}
 
-Adapter fingerprint `{record['adapter'].get('fingerprint')}`, weights sha256 `{record['adapter']['weights_sha256'][:16]}…`.
+Adapter fingerprint `{record['adapter'].get('fingerprint')}`, weights sha256
+`{record['adapter']['weights_sha256'][:16]}…`.
 
 ## Evaluation
 

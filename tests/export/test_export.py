@@ -6,7 +6,9 @@ the slow ones export the session's trained smoke adapter on the real SmolLM2.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import shutil
 from collections import namedtuple
 from pathlib import Path
@@ -30,6 +32,52 @@ def tiny_export(tiny_run: Path) -> dict:  # noqa: F811
 
 def _merged(run: Path) -> Path:
     return run / "export" / "merged"
+
+
+def _render_go(modelfile: str, msgs: list[dict[str, str]]) -> str:
+    """The Modelfile's Go template evaluated for ``msgs`` (this simple shape: a range over the messages
+    with one branch per role, then the generation prompt)."""
+    template = re.search(r'TEMPLATE """(.*?)"""', modelfile, re.S).group(1)
+    body, tail = re.fullmatch(r"\{\{ range \.Messages \}\}(.*)\{\{ end \}\}\{\{ end \}\}(.*)", template, re.S).groups()
+    branches = dict(re.findall(r'\{\{ (?:else )?if eq \.Role "(\w+)" \}\}(.*?)(?=\{\{ else if|\Z)', body, re.S))
+    return "".join(branches[m["role"]].replace("{{ .Content }}", m["content"]) for m in msgs) + tail
+
+
+def _gguf_field(path: str | Path, key: str):
+    from gguf import GGUFReader
+
+    field = GGUFReader(path).get_field(key)
+    return None if field is None else field.contents()
+
+
+def _sentencepiece_model(out: Path, *, prepend_scheme: str, adds_bos: bool) -> Path:
+    """A tiny Llama with a SentencePiece-style tokenizer (BPE with byte fallback and the ``▁`` word
+    marker, as TinyLlama's) that marks the start of a text as a word start (``prepend_scheme`` first)
+    or not (never), and adds ``<s>`` to plain text or not."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    from hb_utils.model import tokenizer as tokenizer_policy
+
+    mark = "\u2581"
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{i:02X}>": 3 + i for i in range(256)}}
+    for piece in (mark, "a", "b", mark + "a", mark + "b"):
+        vocab[piece] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(mark, "a"), (mark, "b")], unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=mark, prepend_scheme=prepend_scheme, split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace(mark, " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    if adds_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                           special_tokens=[("<s>", 1)])
+    hf_tok = TokenizersBackend(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    hf_tok.chat_template = tokenizer_policy.ZEPHYR_TEMPLATE
+    hf_tok.save_pretrained(out)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
 
 
 # --------------------------------------------------------------------------- fast: tiny model
@@ -128,19 +176,77 @@ def test_gguf_f16_round_trip_is_exact_and_has_a_modelfile(tiny_run: Path, tiny_e
 
 def test_modelfile_template_renders_like_the_jinja_template(tiny_run: Path, tiny_export: dict):  # noqa: F811
     """The Go template, evaluated for this simple shape, gives the same prompt as the chat template."""
-    import re
-
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(_merged(tiny_run))
     text = Path(tiny_export["gguf"]["f16"]["modelfile"]).read_text()
-    template = re.search(r'TEMPLATE """(.*?)"""', text, re.S).group(1)
-    body, tail = re.fullmatch(r"\{\{ range \.Messages \}\}(.*)\{\{ end \}\}\{\{ end \}\}(.*)", template, re.S).groups()
-    branches = dict(re.findall(r'\{\{ (?:else )?if eq \.Role "(\w+)" \}\}(.*?)(?=\{\{ else if|\Z)', body, re.S))
     msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
             {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}]
-    go = "".join(branches[m["role"]].replace("{{ .Content }}", m["content"]) for m in msgs) + tail
-    assert go == tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert _render_go(text, msgs) == tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+def test_gguf_states_the_kits_bos_policy_and_no_space_prefix(tiny_run: Path, tiny_export: dict):  # noqa: F811
+    """SmolLM2's tokenizer adds no BOS and is byte-level BPE: both flags false in the file itself, so
+    Ollama (which adds BOS when the key is missing) does not put an extra ``<|im_start|>`` first."""
+    path = tiny_export["gguf"]["f16"]["file"]
+    assert _gguf_field(path, "tokenizer.ggml.add_bos_token") is False
+    assert _gguf_field(path, "tokenizer.ggml.add_space_prefix") is False
+
+
+@pytest.mark.parametrize(("prepend_scheme", "adds_bos"), [("first", True), ("never", False)])
+def test_gguf_flags_of_a_sentencepiece_tokenizer_follow_the_tokenizer(tmp_path: Path, prepend_scheme: str,
+                                                                     adds_bos: bool):
+    from transformers import AutoTokenizer
+
+    from hb_utils.model import tokenizer as tokenizer_policy
+
+    model_dir = _sentencepiece_model(tmp_path / "sp", prepend_scheme=prepend_scheme, adds_bos=adds_bos)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    assert tokenizer_policy.adds_bos(tok) is adds_bos  # the fixture is what it says
+    out = gguf_file.write_gguf(model_dir, tmp_path / "sp.gguf", "f16", name="sp", pre="default")
+    assert _gguf_field(out, "tokenizer.ggml.model") == "llama"
+    assert _gguf_field(out, "tokenizer.ggml.add_bos_token") is adds_bos
+    assert _gguf_field(out, "tokenizer.ggml.add_space_prefix") is (prepend_scheme == "first")
+
+
+def test_a_tokenizer_that_adds_bos_gets_exactly_one_bos_under_ollama(tiny_run: Path, tiny_export: dict,  # noqa: F811
+                                                                      tmp_path: Path):
+    """A byte-level tokenizer that adds BOS (the kit's chat template then renders it): the GGUF says
+    add_bos_token true, so Ollama adds the BOS, and the Modelfile's template must not add a second one."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    from hb_utils.model import tokenizer as tokenizer_policy
+
+    model_dir = tmp_path / "merged"
+    shutil.copytree(_merged(tiny_run), model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    bos = "<repo_name>"
+    tok.bos_token = bos
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.convert_tokens_to_ids(bos))])
+    assert tokenizer_policy.apply_bos_policy(tok)  # the chat template now renders the BOS
+    tok.save_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    out = gguf_file.write_gguf(model_dir, tmp_path / "bos.gguf", "f16", name="bos", pre="smollm")
+    assert _gguf_field(out, "tokenizer.ggml.add_bos_token") is True
+    assert _gguf_field(out, "tokenizer.ggml.add_space_prefix") is False
+    modelfile = gguf_file.modelfile_text(out.name, tok, merge.run_config(tiny_run))
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"}]
+    jinja = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert jinja.startswith(bos) and bos + _render_go(modelfile, msgs) == jinja
+    assert bos not in modelfile
+
+
+def test_modelfile_without_a_system_prompt_has_no_system_line(tiny_run: Path, tiny_export: dict):  # noqa: F811
+    """An empty SYSTEM would replace the template's default system turn with an empty one."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(_merged(tiny_run))
+    cfg = merge.run_config(tiny_run)
+    assert 'SYSTEM """You are HealthBot' in gguf_file.modelfile_text("x.gguf", tok, cfg)
+    text = gguf_file.modelfile_text("x.gguf", tok, dataclasses.replace(cfg, system_prompt=""))
+    assert "SYSTEM" not in text and "TEMPLATE" in text and "PARAMETER temperature" in text
 
 
 def test_gguf_q8_0_is_smaller_and_close(tiny_run: Path, tiny_export: dict):  # noqa: F811
@@ -156,6 +262,75 @@ def test_reexport_of_the_same_adapter_reuses_the_merged_model(tiny_run: Path, ti
     again = merge.export_run(tiny_run, log=lambda *_: None)
     assert (_merged(tiny_run) / "model.safetensors").stat().st_mtime_ns == before
     assert again["merge_into"] == "dequantized"
+
+
+def test_reexport_after_an_eval_only_change_rewrites_the_settings(tiny_run: Path, tiny_export: dict,  # noqa: F811
+                                                                    tmp_path: Path):
+    """05 rerun with other sampling settings (config.json records them, the adapter is the same): the
+    merged weights are reused, and everything that carries the settings says the new ones."""
+    from hb_utils import chat
+    from hb_utils.evaluate import reruns
+
+    run = tmp_path / "out" / "tiny"
+    shutil.copytree(tiny_run, run)  # the exported run, so the session's tiny run keeps its settings
+    cfg = merge.run_config(run)
+    assert (cfg.qual_temperature, cfg.qual_max_new_tokens) == (0.3, 16)
+    new = dataclasses.replace(cfg, qual_temperature=0.7, qual_max_new_tokens=200)
+    reruns.record_eval_rerun(new, "05_qualitative", made_by="test")
+    assert read_json(run / "config.json")["config"]["qual_temperature"] == 0.7
+    weights = _merged(run) / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+
+    merge.export_run(run, log=lambda *_: None)
+
+    assert weights.stat().st_mtime_ns == before  # reused, not merged again
+    gen = read_json(_merged(run) / "generation_config.json")
+    assert gen["temperature"] == 0.7 and gen["max_new_tokens"] == 200 and gen["do_sample"] is True
+    assert gen["top_p"] == 0.9 and gen["repetition_penalty"] == 1.15 and gen["eos_token_id"] == 2
+    saved = read_json(_merged(run) / merge.EXPORT_CONFIG)["config"]
+    assert (saved["qual_temperature"], saved["qual_max_new_tokens"]) == (0.7, 200)
+    modelfile = (run / "export" / "gguf" / "Modelfile.f16").read_text()
+    assert "PARAMETER temperature 0.7" in modelfile and "PARAMETER num_predict 200" in modelfile
+    assert "FROM ./healthbot-tiny-f16.gguf" in modelfile
+    assert "temperature 0.7" in (_merged(run) / "README.md").read_text()
+    cm = chat.load_chat_model(_merged(run))  # what `hb chat outputs/<run>/export/merged` samples with
+    assert (cm.cfg.qual_temperature, cm.cfg.qual_max_new_tokens) == (0.7, 200)
+    assert cm.model.generation_config.temperature == 0.7
+
+
+def test_model_card_says_how_to_get_the_greedy_answers_of_04(tiny_run: Path, tiny_export: dict):  # noqa: F811
+    """The merged model samples by default (do_sample true, repetition penalty 1.15): the card says so,
+    and the generate call it shows reproduces 04's greedy answer (same call as evaluation.run_evaluation)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hb_utils.evaluate import evaluation
+
+    card = (_merged(tiny_run) / "README.md").read_text()
+    assert "`do_sample: true`" in card and "`repetition_penalty: 1.15`" in card
+    gen = read_json(_merged(tiny_run) / "generation_config.json")
+    assert gen["do_sample"] is True and gen["repetition_penalty"] == 1.15
+    shown = re.search(r"model\.generate\(\*\*ids, (do_sample=False[^\n]*)\)\n", card)
+    assert shown and "repetition_penalty=1.0" in shown.group(1), card
+    kwargs = eval(f"dict({shown.group(1)})")  # the card's own arguments, as a reader would paste them
+
+    cfg = merge.run_config(tiny_run)
+    questions = merge.eval_questions(cfg)
+    ref, ref_tok = loading.load_adapter_model(cfg, RunPaths.for_config(cfg).adapter)
+    want = [r.text for r in evaluation.generate(ref, ref_tok, questions, cfg, max_new_tokens=cfg.eval_max_new_tokens,
+                                                do_sample=False)]
+    tok = AutoTokenizer.from_pretrained(_merged(tiny_run))
+    model = AutoModelForCausalLM.from_pretrained(_merged(tiny_run), dtype=torch.float32).eval()
+    card_answers, plain_greedy = [], []
+    for question in questions:
+        messages = [{"role": "system", "content": cfg.system_prompt}, {"role": "user", "content": question}]
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        n = ids["input_ids"].shape[1]
+        card_answers.append(tok.decode(model.generate(**ids, **kwargs)[0, n:], skip_special_tokens=True).strip())
+        plain = model.generate(**ids, do_sample=False, temperature=None, top_p=None,
+                               max_new_tokens=cfg.eval_max_new_tokens)  # greedy, but with the config's penalty
+        plain_greedy.append(tok.decode(plain[0, n:], skip_special_tokens=True).strip())
+    assert card_answers == want and all(want)
+    assert plain_greedy != want  # do_sample=False alone is not 04's decoding (why the card says more)
 
 
 def test_compare_models_identity_and_reference_cache(tiny_run: Path):  # noqa: F811
@@ -235,3 +410,6 @@ def test_smoke_export_merged_and_gguf_on_smollm2(trained_smoke_run: Path):  # no
     card = (_merged(trained_smoke_run) / "README.md").read_text()
     assert "license: apache-2.0" in card
     assert (trained_smoke_run / "export" / "gguf" / "Modelfile.q8_0").is_file()
+    gguf_path = record["gguf"]["q8_0"]["file"]  # SmolLM2 adds no BOS (Ollama would add one by default)
+    assert _gguf_field(gguf_path, "tokenizer.ggml.add_bos_token") is False
+    assert _gguf_field(gguf_path, "tokenizer.ggml.add_space_prefix") is False
