@@ -80,7 +80,8 @@ def worker(path: str, new_tokens: int, repeats: int) -> dict[str, object]:
         runs.append({"ttft_s": tt[0] - start, "decode_tok_s": (len(tt) - 1) / (tt[-1] - tt[0])})
         text = cm.tokenizer.decode(new, skip_special_tokens=True)
     runs = runs[1:]
-    return {"path": path, "kind": cm.kind, "prompt_tokens": len(ids), "new_tokens": new_tokens, "load_s": round(load_s, 1),
+    return {"path": path, "kind": cm.kind, "prompt_tokens": len(ids), "new_tokens": new_tokens,
+            "load_s": round(load_s, 1),
             "ttft_s": statistics.median(r["ttft_s"] for r in runs),
             "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
             "peak_rss_mib": peak_rss_mib(), "threads": torch.get_num_threads(),

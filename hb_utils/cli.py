@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser("compare", help="compare finished runs")
     cmp.add_argument("runs", nargs="+", help="run directories, e.g. outputs/exp1 outputs/exp2")
     cmp.add_argument("--out", default=None, help="output directory (default: outputs/compare)")
-    cmp.add_argument("--no-report", action="store_true", help="write the tables and plots only, no executed 06 notebook")
+    cmp.add_argument("--no-report", action="store_true",
+                     help="write the tables and plots only, no executed 06 notebook")
     cmp.add_argument("--kernel", default="python3", help="Jupyter kernel for the 06_compare report")
     exp = sub.add_parser("export", help="merge the adapter into a plain model (+ GGUF) under <run>/export/")
     exp.add_argument("run_dir", help="run directory, e.g. outputs/smoke")

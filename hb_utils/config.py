@@ -68,7 +68,8 @@ class ExperimentConfig:
     output_root: str = _f("outputs", "Where run directories live (relative paths: to the repo root).", scope="run")
     overwrite: bool = _f(False, "Replace artifacts of a different config in this run directory.", scope="run")
     # --- data ---
-    dataset: str = _f("lavita/MedQuAD", "Hub dataset id, MedQuAD XML release dir, or .parquet/.jsonl/.csv file.", scope="data")
+    dataset: str = _f("lavita/MedQuAD", "Hub dataset id, MedQuAD XML release dir, or .parquet/.jsonl/.csv file.",
+                      scope="data")
     dataset_split: str = _f("train", "Split of a Hub dataset to load.", scope="data")
     system_prompt: str = _f(SYSTEM_PROMPT, "System message of every chat record.", scope="data")
     strip_html: bool = _f(True, "Strip HTML tags from questions and answers.", scope="data")
@@ -124,7 +125,8 @@ class ExperimentConfig:
     eval_steps: int = _f(100, "Validate every N steps.", min=1, scope="train")
     save_steps: int = _f(200, "Checkpoint every N steps.", min=1, scope="train")
     load_best_model: bool = _f(True, "Keep the checkpoint with the best validation loss.", scope="train")
-    completion_only_loss: bool = _f(True, "Loss on answer tokens only (False: original full-sequence loss).", scope="train")
+    completion_only_loss: bool = _f(True, "Loss on answer tokens only (False: original full-sequence loss).",
+                                    scope="train")
     seed: int = _f(42, "Training seed.", scope="train")
     report_to: str = _f("none", "Training logger: none or tensorboard (extra `tensorboard`; logs in "
                         "checkpoints/runs/).",
@@ -262,7 +264,8 @@ def _parse_number(name: str, value: Any, kind: type) -> Any:
         try:
             value = float(value.strip()) if kind is float else int(value.strip())
         except ValueError:
-            raise ConfigError(f"{name} must be {'a number' if kind is float else 'an integer'}, got {value!r}.") from None
+            kind_text = "a number" if kind is float else "an integer"
+            raise ConfigError(f"{name} must be {kind_text}, got {value!r}.") from None
     if kind is int:
         if isinstance(value, float) and value.is_integer():
             value = int(value)

@@ -64,7 +64,8 @@ def test_hb_run_and_papermill_refuse_alike(tmp_path, name, value):
         papermill_config(tmp_path, ["-p", name, value])
 
 
-@pytest.mark.parametrize("text", ["prompts: [a, 'b: c']", "dataset_split: 2024-01-01", "{experiment: 'x #1', lora_r: 4}"])
+@pytest.mark.parametrize("text", ["prompts: [a, 'b: c']", "dataset_split: 2024-01-01",
+                                  "{experiment: 'x #1', lora_r: 4}"])
 def test_hb_run_and_papermill_read_y_alike(tmp_path, text):
     assert load_config(**cli.parse_overrides(yamls=[text])).to_dict() == papermill_config(tmp_path, ["-y", text])
 

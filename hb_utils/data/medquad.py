@@ -53,7 +53,8 @@ def parse_medquad_xml(path: Path) -> list[dict[str, str]]:
     try:
         root = ET.parse(path).getroot()
     except ET.ParseError as exc:
-        raise DataError(f"{path} is not well-formed XML ({exc}). Fix or remove the file, or re-download the release.") from None
+        raise DataError(f"{path} is not well-formed XML ({exc}). Fix or remove the file, or re-download the "
+                        "release.") from None
     umls = root.find("FocusAnnotations/UMLS")
     if umls is None:
         umls = root.find("UMLS")
@@ -107,7 +108,8 @@ def _load_table(path: Path) -> pd.DataFrame:
             return pd.read_csv(path, dtype=str, keep_default_na=False)
     except (ValueError, OSError) as exc:
         raise DataError(f"Cannot read {path}: {exc}") from None
-    raise DataError(f"Unsupported data file {path.name!r}: use .parquet, .jsonl or .csv, or a MedQuAD XML release folder.")
+    raise DataError(f"Unsupported data file {path.name!r}: use .parquet, .jsonl or .csv, or a MedQuAD XML release "
+                    "folder.")
 
 
 def _normalize_columns(df: pd.DataFrame, origin: str) -> pd.DataFrame:
@@ -115,7 +117,8 @@ def _normalize_columns(df: pd.DataFrame, origin: str) -> pd.DataFrame:
     lower = {c.lower().strip(): c for c in df.columns}
     missing = [c for c in ("question", "answer") if c not in lower]
     if missing:
-        raise DataError(f"{origin} has no {' / '.join(missing)} column (columns found: {', '.join(map(str, df.columns))}). "
+        found = ", ".join(map(str, df.columns))
+        raise DataError(f"{origin} has no {' / '.join(missing)} column (columns found: {found}). "
                         "A data file needs 'question' and 'answer' columns.")
     out = pd.DataFrame({c: df[lower[c]] if c in lower else "" for c in COLUMNS})
     out = out.fillna("").astype(str)
@@ -129,7 +132,8 @@ def locate_source(source: str) -> tuple[str, Path | str]:
 
     DataError for a local path that does not exist, so ``hb run`` can say so before any notebook starts.
     """
-    looks_local = source.startswith((".", "/", "~")) or Path(source).suffix.lower() in (".parquet", ".jsonl", ".json", ".csv")
+    looks_local = (source.startswith((".", "/", "~"))
+                   or Path(source).suffix.lower() in (".parquet", ".jsonl", ".json", ".csv"))
     path = run_dir.resolve(source)
     if path.is_dir():
         return "dir", path
@@ -167,7 +171,8 @@ def _load_hub(dataset_id: str, split: str) -> pd.DataFrame:
         ds = datasets.load_dataset(dataset_id, split=split)  # data files only: no remote code
     except Exception as exc:  # noqa: BLE001 - offline, missing, gated: all the same fix
         raise DataError(f"Cannot load the Hub dataset {dataset_id!r} (split {split!r}): {type(exc).__name__}: {exc}. "
-                        "Offline? Set dataset to a local MedQuAD XML release folder or a .parquet/.jsonl/.csv file.") from None
+                        "Offline? Set dataset to a local MedQuAD XML release folder or a .parquet/.jsonl/.csv "
+                        "file.") from None
     return _normalize_columns(ds.to_pandas(), f"Hub dataset {dataset_id}")
 
 
@@ -264,7 +269,8 @@ def prepare_splits(cfg: ExperimentConfig, *, write: bool = True, raw: pd.DataFra
     if len(clean) < 3:
         raise DataError(f"Only {len(clean)} pairs are left after filtering (funnel: "
                         + ", ".join(f"{s['step']}: -{s['removed']}" for s in funnel[1:])
-                        + "). Loosen min_question_chars / min_answer_chars / max_answer_words or check the data source.")
+                        + "). Loosen min_question_chars / min_answer_chars / max_answer_words or check the data "
+                        "source.")
     drawn = min(cfg.sample_size, len(clean))
     if drawn < cfg.sample_size:
         warnings.warn(f"sample_size={cfg.sample_size} but only {len(clean)} pairs pass the filters: using all {drawn}.",

@@ -79,7 +79,8 @@ def run_evaluation(cfg: ExperimentConfig) -> dict[str, Any]:
         "settings": {"model_name": cfg.model_name, "test_size": len(test), "eval_size": cfg.eval_size,
                      "eval_examples": n, "ppl_size": cfg.ppl_size, "ppl_examples": len(ppl_records),
                      "decoding": "greedy", "max_new_tokens": cfg.eval_max_new_tokens,
-                     "batch_size": cfg.gen_batch_size, "ppl_batch_size": cfg.ppl_batch_size, "bootstrap": {**boot, "confidence": 0.95},
+                     "batch_size": cfg.gen_batch_size, "ppl_batch_size": cfg.ppl_batch_size,
+                     "bootstrap": {**boot, "confidence": 0.95},
                      "base": "same loaded model with the adapter disabled"},
         "generation": metrics.compare_systems(fns["base"], fns["finetuned"], n, **boot),
         # the baseline of the "advises a professional" rate: how often the reference answers themselves do
@@ -104,7 +105,8 @@ def run_evaluation(cfg: ExperimentConfig) -> dict[str, Any]:
             row[f"{system}_scores"] = {k: float(v[i]) for k, v in per_example[system].items()}
         row["fingerprint"] = fp
         rows.append(row)
-    reruns.record_eval_rerun(cfg, "04_evaluate", made_by="evaluation.run_evaluation")  # other eval configs' metrics aside
+    # other eval configs' metrics aside
+    reruns.record_eval_rerun(cfg, "04_evaluate", made_by="evaluation.run_evaluation")
     write_jsonl(run.metrics / "predictions.jsonl", rows)
     write_json(run.metrics / "eval.json", result)
     return result
@@ -207,7 +209,8 @@ def plot_comparison(result: dict[str, Any], path: Any = None) -> plt.Figure:
     return save(fig, path)
 
 
-def extreme_examples(frame: pd.DataFrame, k: int = 3, *, best: bool = True, by: str = "finetuned_rougeL") -> pd.DataFrame:
+def extreme_examples(frame: pd.DataFrame, k: int = 3, *, best: bool = True,
+                     by: str = "finetuned_rougeL") -> pd.DataFrame:
     """The k best (or worst) test questions by a per-example score of the fine-tuned model."""
     cols = ["question", "reference", "base", "finetuned", "base_rougeL", "finetuned_rougeL"]
     return frame.sort_values(by, ascending=not best, kind="stable").head(k)[cols]

@@ -36,7 +36,8 @@ def select_stages(start: str | None = None, only: str | None = None) -> list[str
     def find(prefix: str) -> int:
         hits = [i for i, s in enumerate(STAGES) if s == prefix or s.startswith(prefix.zfill(2))]
         if len(hits) != 1:
-            raise RunError(f"Unknown stage {prefix!r}: use one of {', '.join(s[:2] for s in STAGES)} ({', '.join(STAGES)}).")
+            raise RunError(f"Unknown stage {prefix!r}: use one of {', '.join(s[:2] for s in STAGES)} "
+                           f"({', '.join(STAGES)}).")
         return hits[0]
 
     if start and only:

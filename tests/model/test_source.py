@@ -145,7 +145,8 @@ def test_converted_cache_matches_gguf_logits(monkeypatch, tmp_path):
     text = tok.apply_chat_template([{"role": "user", "content": "What causes a headache? Ünïcode ✓"}],
                                    tokenize=False, add_generation_prompt=True)
     ids = tok(text, add_special_tokens=False, return_tensors="pt")
-    assert ids["input_ids"].tolist() == ref_tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"].tolist()
+    expected = ref_tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"].tolist()
+    assert ids["input_ids"].tolist() == expected
     with torch.no_grad():
         got, want = model(**ids).logits, ref(**ids).logits
     assert torch.equal(got, want)

@@ -22,7 +22,8 @@ def make_run(root, name, lora_r, rouge, val_loss):
     (run / "metrics").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"config": cfg.to_dict(), "fingerprints": cfg.fingerprints()}))
     (run / "metrics" / "train.json").write_text(json.dumps({
-        "stamp": run_dir.stamp(cfg, "train", "test"), "final_train_loss": val_loss + 0.1, "best_val_loss": val_loss, "final_val_loss": val_loss + 0.01,
+        "stamp": run_dir.stamp(cfg, "train", "test"), "final_train_loss": val_loss + 0.1, "best_val_loss": val_loss,
+        "final_val_loss": val_loss + 0.01,
         "train_runtime_s": 12.5, "tokens_per_second": 321.0, "peak_memory": {"gb": 1.5}, "global_step": 4}))
     gen = {m: {"base": ci(0.1), "finetuned": ci(rouge), "delta": {"delta": rouge - 0.1, "ci_low": 0.0,
                                                                    "ci_high": 0.2, "p_not_better": 0.1}}

@@ -37,7 +37,8 @@ def test_ctrl_c_prints_one_line_and_marks_the_stage(tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.format(root=str(ROOT), nbs=str(tmp_path / "nbs")))
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, str(driver), "run", str(ROOT / "params" / "smoke.yaml"), "-p", "output_root",
+    proc = subprocess.Popen([sys.executable, str(driver), "run", str(ROOT / "params" / "smoke.yaml"),
+                             "-p", "output_root",
                              str(out), "-p", "dataset", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True, env={**os.environ, "HB_HEADLESS": "1"})
     conf = out / "smoke" / "config.json"
