@@ -191,3 +191,10 @@ def test_parameters_cell_round_trips():
     exec(parameters_cell_source(), {}, ns)
     assert {k for k in ns if not k.startswith("_")} == set(FIELDS)
     assert config_from_namespace(ns) == ExperimentConfig()
+
+
+def test_help_strings_are_short():
+    """Help strings are one short line (they fill parameters cells and `--help-notebook`); longer explanations
+    belong in the docs."""
+    long = {name: len(f.metadata["help"]) for name, f in FIELDS.items() if len(f.metadata["help"]) > 120}
+    assert not long, long

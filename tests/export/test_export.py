@@ -397,7 +397,7 @@ def test_cli_export_reports_errors_without_traceback(tmp_path: Path, capsys):
 def test_smoke_export_merged_and_gguf_on_smollm2(trained_smoke_run: Path):  # noqa: F811
     from transformers import AutoModelForCausalLM
 
-    # the issue's command, `hb export outputs/smoke --gguf q8_0` (f16's bit-exact round trip: the tiny-model test)
+    # the README's command, `hb export outputs/smoke --gguf q8_0` (f16's bit-exact round trip: the tiny-model test)
     record = merge.export_run(trained_smoke_run, gguf="q8_0", log=print)
     m = read_json(trained_smoke_run / "export" / "merge_measurement.json")
     q8 = record["gguf"]["q8_0"]["roundtrip"]
