@@ -18,12 +18,14 @@ signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's Ctrl-C,
 sys.path.insert(0, {root!r})
 from pathlib import Path
 from hb_utils import cli
+from hb_utils.config import stage_fields
 from hb_utils.runs import runner
 from tests.runs.test_runner import fixture_notebook
 nbs = Path({nbs!r}); nbs.mkdir()
 fixture_notebook(nbs / "01_a.ipynb", "print('a')")
 fixture_notebook(nbs / "02_b.ipynb", "import time\\nprint('sleeping', flush=True)\\ntime.sleep(120)")
 runner.STAGES = ["01_a", "02_b"]
+runner.stage_fields = lambda s: stage_fields(None)  # the fixture stages read every field
 runner.notebook_path = lambda s: nbs / f"{{s}}.ipynb"
 sys.exit(cli.main(sys.argv[1:]))
 """

@@ -11,7 +11,7 @@ import nbformat
 import pytest
 
 from hb_utils import cli
-from hb_utils.config import load_config
+from hb_utils.config import load_config, stage_fields
 from hb_utils.errors import RunError
 from hb_utils.runs import runner
 from hb_utils.runs.notebook import parameters_cell_source
@@ -46,6 +46,7 @@ def stages(tmp_path, monkeypatch):
     fixture_notebook(nbdir / "03_c.ipynb", body.format(name="03_c"))
     monkeypatch.setattr(runner, "STAGES", ["01_a", "02_b", "03_c"])
     monkeypatch.setattr(runner, "notebook_path", lambda s: nbdir / f"{s}.ipynb")
+    monkeypatch.setattr(runner, "stage_fields", lambda s: stage_fields(None))  # fixture stages read every field
     return nbdir
 
 
