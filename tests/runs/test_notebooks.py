@@ -194,7 +194,9 @@ def set_parameters(source: str, values: dict) -> str:
     """The parameters cell as a user edits it in Jupyter: each given name's default replaced by a value."""
     lines = source.splitlines()
     for name, value in values.items():
-        idx = next(i for i, line in enumerate(lines) if line.startswith(f"{name}:"))
+        idx = next((i for i, line in enumerate(lines) if line.startswith(f"{name}:")), None)
+        if idx is None:  # not a parameter of this notebook's stage
+            continue
         head, _, help_ = lines[idx].partition("  # ")
         lines[idx] = f"{head.split('=')[0].rstrip()} = {value!r}  # {help_}"
     return "\n".join(lines)

@@ -384,7 +384,7 @@ def test_train_writes_adapter_metrics_plot_and_the_adapter_reloads(tmp_path, mon
 
     # what 03's last cell shows: the adapter, reloaded from disk, answers validation questions
     [row] = training.reload_check(cfg.replace(eval_max_new_tokens=6), n_questions=1)
-    val_question = training.data.ensure_splits(cfg)["val"][0]["question"]
+    val_question = training.medquad.ensure_splits(cfg)["val"][0]["question"]
     assert row["question"] == val_question and 0 < row["new_tokens"] <= 6 and row["answer"].strip()
 
     # rerunning the stage with the same config reuses the adapter instead of training again
