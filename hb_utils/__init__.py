@@ -3,7 +3,8 @@
 Code map. Imports go one way, down this list's layers (``tests/test_import_graph.py`` checks it):
 
     cli.py, __main__.py   ``hb run | compare | export | chat``: each command maps to one function
-    runs/                 run a series of notebooks: runner (papermill), notebook start, reports, compare
+    runs/                 run a series of notebooks: runner (papermill), notebook start, reports, kernels
+                          (socket-file kernels), interrupts (Ctrl-C is one line), compare
     chat.py               the gradio chat app (``hb chat``)
     export/               merge the adapter, GGUF + Ollama Modelfile, model card, agreement measurement
     evaluate/             stages 04/05: metrics, perplexity, answers of base vs fine-tuned, qualitative, reruns

@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from hb_utils import quiet
 from hb_utils.config import FIELDS, type_name
 from hb_utils.errors import ConfigError, HBError
 from hb_utils.params_file import parse_params_yaml
@@ -101,14 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_export(args: argparse.Namespace) -> int:
     from hb_utils.export.merge import export_run
 
-    export_run(args.run_dir, merge_into=args.merge_into, dtype=args.dtype, gguf=args.gguf, overwrite=args.overwrite)
+    with quiet.no_progress_bars():  # one line per step: no load, shard-writing or GGUF tensor bars
+        export_run(args.run_dir, merge_into=args.merge_into, dtype=args.dtype, gguf=args.gguf,
+                   overwrite=args.overwrite)
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from hb_utils.chat import serve
 
-    serve(args.model, host=args.host, port=args.port)
+    with quiet.no_progress_bars():  # the model loads without a bar; the app prints its address
+        serve(args.model, host=args.host, port=args.port)
     return 0
 
 
@@ -138,9 +142,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    command = {"run": cmd_run, "compare": cmd_compare, "export": cmd_export, "chat": cmd_chat}[args.command]
     try:
-        return {"run": cmd_run, "compare": cmd_compare, "export": cmd_export,
-                "chat": cmd_chat}[args.command](args)
+        with quiet.console():  # every command: its own lines only (no library warnings, logs or bars)
+            return command(args)
     except HBError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from hb_utils import cli
 from hb_utils.config import load_config
 from hb_utils.errors import ConfigError
 from hb_utils.runs.notebook import config_from_namespace
+from tests.conftest import ROOT
 from tests.runs.test_runner import fixture_notebook
 
 TRICKY = [
@@ -86,3 +88,22 @@ def test_papermill_kernel_and_hb_run_give_the_same_config(tmp_path):
     assert json.loads(dump.read_text()) == load_config(**cli.parse_overrides(values)).to_dict()
 
 
+
+
+@pytest.mark.slow
+def test_hb_export_prints_its_own_lines_only(tiny_run, tmp_path):
+    """`hb export` as a person runs it, GGUF included: one line per step, as `hb run` prints per notebook; no
+    library warning (transformers' FutureWarnings, bitsandbytes' kernel loader), log line or progress bar
+    ("Loading weights" per model load, "Writing model shards", the GGUF reader's tensor bar)."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("export"))
+    proc = subprocess.run([sys.executable, "-m", "hb_utils", "export", str(run), "--gguf", "q8_0"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    console = proc.stdout + proc.stderr
+    for noise in ("Warning", "WARNING", "warnings.warn", "gemm_4bit_forward", "Loading weights", "Writing model",
+                  "GGUF tensors", "it/s]", "s/it]", "%|", "\r", "Traceback"):
+        assert noise not in console, f"{noise!r} on the console:\n{console}"
+    assert all(line.startswith("note: ") for line in proc.stderr.splitlines()), proc.stderr
+    assert "merged model" in proc.stdout and "GGUF q8_0" in proc.stdout
+    assert len(proc.stdout.splitlines()) <= 6, proc.stdout

@@ -8,7 +8,8 @@ directory in a cache, written atomically, so later loads take seconds. transform
 ``dequantize``), so the conversion copies the already dequantized weights into a fresh model built from
 the same config (minus the GGUF ``quantization_config``) and saves *that* with the normal
 ``save_pretrained``. ``tests/model/test_loading.py`` checks the cached model gives the same logits as the
-GGUF load. The conversion prints one line instead of transformers' 27-line progress bar.
+GGUF load. The conversion prints two lines (start, end), no bar: not the GGUF reader's 272-step tensor bar,
+nor transformers' load and save bars.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ import importlib.metadata
 import os
 import re
 import shutil
+import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -110,7 +114,8 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
             "seconds": round(time.perf_counter() - t0, 1), "created": utc_now(),
         })
 
-    write_dir_atomically(target, write, marker=CONVERT_MARKER)
+    with no_progress_bars():  # save_pretrained's "Writing model shards" bar
+        write_dir_atomically(target, write, marker=CONVERT_MARKER)
     print(f"Converted in {time.perf_counter() - t0:.0f} s.", flush=True)
     return target
 
@@ -154,12 +159,101 @@ def resolve_model_path(model_name: str) -> str:
     return name
 
 
+# --------------------------------------------------------------------------- is the Hub there?
+HUB_PROBE_SECONDS = 3.0
+HUB_PROBE_TTL = 60.0  # a probe's answer is reused this long (every load of a run asks)
+_hub_probe: dict[str, tuple[float, bool]] = {}
+
+
+def hub_endpoint() -> str:
+    """The Hub's address as huggingface_hub uses it (``HF_ENDPOINT``, default https://huggingface.co)."""
+    return os.environ.get("HF_ENDPOINT", "").strip() or "https://huggingface.co"
+
+
+def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """True when the Hub answers an HTTP request (any status) within ``timeout`` seconds.
+
+    Why: without internet, ``from_pretrained`` of a Hub id retries for a minute or two before it says so.
+    An HTTP answer, not just an open TCP connection: sandboxes and proxies accept connections to any address.
+    The name lookup has no timeout of its own (a resolver can hang for tens of seconds), so the probe runs
+    in a daemon thread that is given up on after ``timeout``. Proxies come from the environment, as for
+    huggingface_hub.
+    """
+    endpoint = hub_endpoint()
+    now = time.monotonic()
+    cached = _hub_probe.get(endpoint)
+    if cached and now - cached[0] < HUB_PROBE_TTL:
+        return cached[1]
+    answer: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout):
+                answer.append(True)
+        except urllib.error.HTTPError:
+            answer.append(True)  # a status code is an answer
+        except (OSError, ValueError):
+            answer.append(False)
+
+    thread = threading.Thread(target=probe, name="hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    reachable = bool(answer and answer[0])
+    _hub_probe[endpoint] = (now, reachable)
+    return reachable
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _in_hub_cache(model_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+
+
+def _go_offline() -> None:
+    """Use the Hub cache without asking the Hub, in this process and the ones it starts (kernels, ranks)."""
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+
+
+def check_hub_model(model_id: str) -> None:
+    """Fail in seconds, naming the fix, when the Hub model ``model_id`` cannot be loaded for want of the Hub.
+
+    The Hub reachable: nothing to do. Not reachable (or ``HF_HUB_OFFLINE`` set) but the model in the local
+    Hub cache: this process (and the kernels and ranks it starts) switches to offline mode, so loads read the
+    cache at once instead of retrying. Neither: :class:`ModelError` saying to use a local model directory or
+    the offline alias.
+    """
+    offline = _hub_offline()
+    if not offline and hub_reachable():
+        return
+    if _in_hub_cache(model_id):
+        if not offline:
+            _go_offline()
+        return
+    why = ("HF_HUB_OFFLINE is set" if offline else f"the Hugging Face Hub ({hub_endpoint()}) cannot be reached "
+           f"(no connection within {HUB_PROBE_SECONDS:.0f} s)")
+    raise ModelError(f"model_name={model_id!r} is a Hub model id, but {why} and the model is not in the local Hub "
+                     f"cache. Use a local model directory (model_name=/path/to/model), or the offline alias "
+                     f"{SMOLLM2_ALIAS!r}; or connect to the internet and run again.")
+
+
 def load_tokenizer(model_name: str) -> PreTrainedTokenizerBase:
     """The tokenizer of ``model_name`` (Hub id, local dir or the SmolLM2 alias) configured by
-    :func:`configure_tokenizer`."""
+    :func:`configure_tokenizer`. A Hub id is checked first (:func:`check_hub_model`): without the Hub it fails
+    in seconds rather than after transformers' retries."""
     from transformers import AutoTokenizer
 
     path = resolve_model_path(model_name)
+    if path == model_name.strip() and not looks_like_path(path):
+        check_hub_model(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:

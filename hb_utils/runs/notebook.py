@@ -42,7 +42,7 @@ def begin(namespace: Mapping[str, Any], *, stage: str | None = None, show: bool 
 
 # The first line of a parameters cell: ours (generated, see parameters_cell_source) and papermill's injected one.
 PARAMETERS_HEADER = "# Parameters (papermill: -f params/<name>.yaml, -p name value). Defaults = Experiment 1."
-_INJECTED_HEADER = "# Parameters"
+_INJECTED_HEADER = quiet.PAPERMILL_PARAMETERS_HEADER  # also how quiet.is_headless() knows papermill ran the kernel
 
 
 def _assigned_names(source: str) -> list[str]:
@@ -69,7 +69,7 @@ def parameter_names_from_history(history: Sequence[str]) -> list[str] | None:
     found: list[str] = []
     seen = False
     for source in reversed(list(history)):
-        first = source.lstrip().split("\n", 1)[0].strip() if source else ""
+        first = quiet.first_line(source)
         if first == PARAMETERS_HEADER or first == _INJECTED_HEADER:
             found += _assigned_names(source)
             seen = True

@@ -59,13 +59,19 @@ def execute(notebook: Path, output: Path, parameters: dict[str, Any], *, cwd: Pa
     unencrypted, which would break "one line per notebook", and after Ctrl-C the kernel being shut down
     mid-cell logs two ERROR tracebacks (zmq "Socket operation on non-socket") over ``hb run``'s one-line
     message. So kernels log only critical messages; a cell's own errors and output reach the notebook
-    (papermill) either way, and a dying kernel is reported by nbclient.
+    (papermill) either way, and a dying kernel is reported by nbclient. Kernels listen on socket files, not TCP
+    ports, so kernels started at the same moment by two processes never collide (:mod:`hb_utils.runs.kernels`).
     """
     import papermill as pm
 
+    from hb_utils.runs import interrupts
+    from hb_utils.runs.kernels import manager_class
+
     output.parent.mkdir(parents=True, exist_ok=True)
     pm.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name=kernel, cwd=str(cwd),
-                        progress_bar=False, log_output=False, extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
+                        progress_bar=False, log_output=False, extra_arguments=["--IPKernelApp.log_level=CRITICAL"],
+                        kernel_manager_class=manager_class(),
+                        engine_name=interrupts.register())  # Ctrl-C leaves no task behind (runs/interrupts.py)
 
 
 def as_table(mapping: dict[str, Any], column: str = "value") -> Any:

