@@ -1,8 +1,10 @@
-"""Evaluation speed: the project's batched generation and perplexity vs the original one-at-a-time loops.
+"""Evaluation speed: the project's batched generation and perplexity vs the original one-at-a-time loops, and
+the throughput of 04 on the external sets (answers/s) and of the statement judge (judgements/s).
 
     .venv/bin/python benchmarks/bench_eval.py --threads 1        # N=32 questions, params/smoke.yaml
     .venv/bin/python benchmarks/bench_eval.py --n 64 --repeats 3 --parts ppl
     .venv/bin/python benchmarks/bench_eval.py --threads 1 --gen-batch-sizes 8,16 --ppl-batch-sizes 2,4,16  # + sizes
+    .venv/bin/python benchmarks/bench_eval.py --parts ext --ext-n 8   # external sets + judge (smoke_external.yaml)
 
 Both methods run in the same process on the same weights (SmolLM2-135M-Instruct of the smoke config),
 the same chat-template texts and the same settings, so the ratio is what counts on a shared machine.
@@ -22,6 +24,11 @@ its dequantize + matmul path on CPU (see ``modeling.use_dequantize_matmul_path``
 own passes without the shared prefix, batched and at batch size 1, are timed too, so the three gains
 (kernel path, batching, shared prefix) are shown apart. The per-example full-text losses of both
 methods must agree (bf16 rounding aside).
+
+External sets (``--parts ext``, the sets and judge of ``--ext-params``): the first ``--ext-n`` questions of each
+set answered as 04 answers them (the config's own model settings, greedy, ``gen_batch_size``; the base model, whose
+cost equals the adapter's within a few percent), then the judge (``judge_model``) on the labelled set (its accuracy
+is printed with its speed) and on every (answer, statement) pair of the sets with statements.
 """
 
 from __future__ import annotations
@@ -174,20 +181,69 @@ def bench_perplexity(cfg, chosen, repeats: int, sizes: list[int] = ()) -> None:
               f"{t_b / t:4.2f}x batch {cfg.ppl_batch_size}, per-example losses within {diff:.1e}")
 
 
+def bench_external(cfg, n: int, repeats: int) -> None:
+    from hb_utils.evaluate import external, judge
+
+    sets = external.configured_sets(cfg)
+    if not sets:
+        raise SystemExit(f"--ext-params names no external set (external_eval is empty in {cfg.experiment})")
+    model, tokenizer = loading.load_base_model(cfg), load_tokenizer(cfg.model_name)
+    kw = {"max_new_tokens": cfg.eval_max_new_tokens, "batch_size": cfg.gen_batch_size, "progress": False}
+    print(f"external sets: {cfg.model_name} (4-bit={cfg.load_in_4bit}, "
+          f"dtype={device.resolve_compute_dtype(cfg.compute_dtype)}), first {n} questions per set, greedy, "
+          f"max_new_tokens={cfg.eval_max_new_tokens}, "
+          f"batch_size={cfg.gen_batch_size}")
+    generate_answers(model, tokenizer, [sets[0].items[0].question], cfg.system_prompt, **kw)  # warm-up
+    answered, total_s, total_n = [], 0.0, 0
+    for s in sets:
+        items = s.items[:n]
+        t, res = timed(lambda items=items, model=model: generate_answers(
+            model, tokenizer, [it.question for it in items], cfg.system_prompt, **kw), repeats)
+        tokens = sum(r.n_new_tokens for r in res)
+        prompt = sum(len(prompt_ids(tokenizer, it.question, cfg.system_prompt)) for it in items)
+        print(f"  {s.name:24s} {len(items)} answers in {t:6.1f} s: {len(items) / t:5.2f} answers/s, "
+              f"{tokens / t:6.1f} new tokens/s (prompts {prompt / len(items):.0f} tokens on average)")
+        answered.append((items, res))
+        total_s, total_n = total_s + t, total_n + len(items)
+    print(f"  all sets: {total_n / total_s:.2f} answers/s (one system; 04 answers twice: base and fine-tuned)")
+    del model
+    external.free_memory()
+    if not cfg.judge_model.strip():
+        print("judge: judge_model is empty, nothing to time")
+        return
+    jmodel, jtok = judge.load_judge(cfg)
+    labels = judge.load_labels()
+    judge.judge(jmodel, jtok, [(labels[0]["answer"], labels[0]["statement"])], batch_size=1)  # warm-up
+    t, (acc, _) = timed(lambda: judge.measure(jmodel, jtok, batch_size=cfg.judge_batch_size, labels=labels), repeats)
+    print(f"judge: {cfg.judge_model}, batch_size={cfg.judge_batch_size}, greedy, max_new_tokens={judge.MAX_NEW_TOKENS}")
+    print(f"  labelled set: {len(labels)} judgements in {t:6.1f} s: {len(labels) / t:5.2f} judgements/s; "
+          f"{judge.reliability_label(acc)} ({acc['not_judged']} replies not judged, said yes/no "
+          f"{acc['said_yes']}/{acc['said_no']})")
+    pairs = [(r.text, st) for items, res in answered for it, r in zip(items, res, strict=True)
+             for st in it.must_have + it.nice_to_have]
+    if pairs:
+        t, verdicts = timed(lambda: judge.judge(jmodel, jtok, pairs, batch_size=cfg.judge_batch_size), repeats)
+        print(f"  statements of the answers above: {len(pairs)} judgements in {t:6.1f} s: {len(pairs) / t:5.2f} "
+              f"judgements/s, {sum(v.met is None for v in verdicts)} not judged")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params/smoke.yaml")
     ap.add_argument("--n", type=int, default=32, help="questions (>= 32 for the reported figure)")
     ap.add_argument("--repeats", type=int, default=1, help="repeat each timing; medians are printed")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--parts", default="gen,ppl", help="comma-separated: gen (generation), ppl (perplexity)")
+    ap.add_argument("--parts", default="gen,ppl", help="comma-separated: gen (generation), ppl (perplexity), "
+                    "ext (external sets and the statement judge)")
+    ap.add_argument("--ext-params", default="params/smoke_external.yaml", help="config of --parts ext (sets, judge)")
+    ap.add_argument("--ext-n", type=int, default=8, help="questions per external set (--parts ext)")
     ap.add_argument("--gen-batch-sizes", default="", help="also time generation at these batch sizes (e.g. 8,16,64)")
     ap.add_argument("--ppl-batch-sizes", default="", help="also time perplexity at these batch sizes (e.g. 2,4,16)")
     ap.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"), help="config override")
     args = ap.parse_args(argv)
     args.parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    if not args.parts or args.parts - {"gen", "ppl"}:
-        raise SystemExit(f"--parts takes gen and/or ppl, got {args.parts!r}")
+    if not args.parts or args.parts - {"gen", "ppl", "ext"}:
+        raise SystemExit(f"--parts takes gen, ppl and/or ext, got {args.parts!r}")
     try:
         args.sizes = {part: [int(x) for x in getattr(args, f"{part}_batch_sizes").split(",") if x.strip()]
                       for part in ("gen", "ppl")}
@@ -205,9 +261,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.params, **dict(args.p))
-    records = medquad.prepare_splits(cfg, write=False).records  # nothing is written
-    chosen = (records["test"] + records["val"] + records["train"])[:args.n]
-    print(f"{len(chosen)} examples (test split first), torch threads={torch.get_num_threads()}")
+    chosen = []
+    if parts & {"gen", "ppl"}:
+        records = medquad.prepare_splits(cfg, write=False).records  # nothing is written
+        chosen = (records["test"] + records["val"] + records["train"])[:args.n]
+        print(f"{len(chosen)} examples (test split first)")
+    print(f"torch threads={torch.get_num_threads()}")
     print(machine.cpu_line())
     RATES.update(machine.machine_rates())
     print("GEMM rate measured now: " + ", ".join(f"{k} {v} GFLOP/s" for k, v in RATES.items()), flush=True)
@@ -216,6 +275,8 @@ def main(argv: list[str] | None = None) -> None:
                          chosen, args.repeats, sizes["gen"])
     if "ppl" in parts:
         bench_perplexity(cfg, chosen, args.repeats, sizes["ppl"])
+    if "ext" in parts:
+        bench_external(load_config(args.ext_params, **dict(args.p)), args.ext_n, args.repeats)
 
 
 if __name__ == "__main__":

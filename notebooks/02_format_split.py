@@ -45,7 +45,7 @@ output_root: str = 'outputs'  # Where run directories live (relative paths: to t
 overwrite: bool = False  # Replace artifacts of a different config in this run directory.
 attn_implementation: str = 'auto'  # Attention kernel: auto (the faster one per device and dtype, hb_utils.model.attention), sdpa or eager.
 logging_steps: int = 25  # Log training loss every N steps.
-report_to: str = 'none'  # Training logger: none or tensorboard (extra `tensorboard`; logs in checkpoints/runs/).
+report_to: str = 'none'  # Training logger: none, tensorboard (logs in checkpoints/runs/) or trackio (logs in <output_root>/trackio/).
 accelerate_config: str = ''  # accelerate config YAML for num_processes > 1 (e.g. accelerate/fsdp_qlora.yaml); empty: DDP defaults.
 resume: str = 'auto'  # auto: continue from this config's newest checkpoint; never: start fresh.
 progress: bool = True  # Show progress bars (kept quiet in headless runs).
@@ -64,6 +64,7 @@ val_frac: float = 0.1  # Fraction of pairs for validation.
 test_frac: float = 0.1  # Fraction of pairs for testing.
 split_seed: int = 42  # Seed of the train/val/test split.
 split_by: str = 'question'  # What never spans two splits: question (+ same or near-duplicate answer), focus, or row (the original's).
+external_eval: list[str] = []  # External sets (LiveQA XML, MedLFQA JSONL; paths from the repo root): 02 drops pairs leaking into them, 04 scores each.
 
 # %% tags=["hide-input"]
 from hb_utils.runs.notebook import begin
@@ -74,7 +75,7 @@ cfg = begin(globals(), stage="02_format_split")  # validates the parameters abov
 import pandas as pd
 from IPython.display import display
 
-from hb_utils.data import medquad, plots, split
+from hb_utils.data import external, medquad, plots, split
 from hb_utils.run_dir import RunPaths
 from hb_utils.runs import report
 
@@ -111,6 +112,19 @@ report.as_table(stats["sample"])
 split_stats = stats["split"]
 display(report.as_table({**split_stats["sizes"], **split_stats["grouping"]}, "pairs / groups"))
 split.leakage_table(split_stats)
+
+# %% [markdown]
+# ## Pairs that leak into the external sets
+# The external sets of `external_eval` (consumer questions from TREC 2017 LiveQA-Med and MedLFQA, see
+# docs/evaluation.md) measure whether the model generalises beyond MedQuAD. MedQuAD was built partly to answer
+# LiveQA's questions, so some of its pairs answer those very questions. Before sampling, every cleaned pair is
+# compared with every question text and reference answer of each set — same normalized question, near-duplicate
+# question or answer (word 5-gram Jaccard ≥ 0.8, the split's own measure), same answer, or answers sharing half the
+# shorter one's 5-grams (a reference copied into a longer MedQuAD answer) — and dropped when any of these holds
+# (the funnel's last step). *questions touched*: the set's questions that some dropped pair overlapped.
+
+# %%
+external.drop_table(stats["external"]) if "external" in stats else print("external_eval is empty: no set to check.")
 
 # %%
 plots.split_lengths(prepared.frames, run.plot("split_lengths"));

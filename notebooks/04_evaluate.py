@@ -48,7 +48,7 @@ output_root: str = 'outputs'  # Where run directories live (relative paths: to t
 overwrite: bool = False  # Replace artifacts of a different config in this run directory.
 attn_implementation: str = 'auto'  # Attention kernel: auto (the faster one per device and dtype, hb_utils.model.attention), sdpa or eager.
 logging_steps: int = 25  # Log training loss every N steps.
-report_to: str = 'none'  # Training logger: none or tensorboard (extra `tensorboard`; logs in checkpoints/runs/).
+report_to: str = 'none'  # Training logger: none, tensorboard (logs in checkpoints/runs/) or trackio (logs in <output_root>/trackio/).
 accelerate_config: str = ''  # accelerate config YAML for num_processes > 1 (e.g. accelerate/fsdp_qlora.yaml); empty: DDP defaults.
 resume: str = 'auto'  # auto: continue from this config's newest checkpoint; never: start fresh.
 progress: bool = True  # Show progress bars (kept quiet in headless runs).
@@ -67,6 +67,7 @@ val_frac: float = 0.1  # Fraction of pairs for validation.
 test_frac: float = 0.1  # Fraction of pairs for testing.
 split_seed: int = 42  # Seed of the train/val/test split.
 split_by: str = 'question'  # What never spans two splits: question (+ same or near-duplicate answer), focus, or row (the original's).
+external_eval: list[str] = []  # External sets (LiveQA XML, MedLFQA JSONL; paths from the repo root): 02 drops pairs leaking into them, 04 scores each.
 # --- train: the adapter (03) ---
 model_name: str = 'TinyLlama/TinyLlama-1.1B-Chat-v1.0'  # Hub id, local model dir, or the offline alias smollm2-135m-instruct.
 max_length: int = 512  # Maximum tokens per training example.
@@ -105,6 +106,10 @@ ppl_size: "Union[int, str]" = 50  # Test texts for perplexity (an int, or 'all')
 gen_batch_size: int = 32  # Batch size of evaluation generation (left-padded, greedy).
 ppl_batch_size: int = 8  # Batch size of the perplexity passes.
 bootstrap_samples: int = 1000  # Bootstrap resamples for confidence intervals.
+external_size: "Union[int, str]" = 100  # Questions of each external set to answer (an int, or 'all').
+liveqa_questions: list[str] = ['summary', 'message']  # LiveQA question text asked, one set each: summary (NLM), paraphrase (NIST), message (the consumer's own).
+judge_model: str = 'Qwen/Qwen2.5-7B-Instruct'  # Model judging the MedLFQA statements (Hub id, local dir or smollm2-135m-instruct); empty: none.
+judge_batch_size: int = 16  # Batch size of the judge's calls.
 prompts: list[str] = []  # Extra prompts for 05_qualitative, besides the six standard ones.
 qual_temperature: float = 0.3  # Sampling temperature of qualitative answers.
 qual_top_p: float = 0.9  # Nucleus sampling top_p.
@@ -152,6 +157,39 @@ evaluation.plot_comparison(result, run.plot("eval_comparison"));
 
 # %%
 evaluation.perplexity_table(result)
+
+# %% [markdown]
+# ## External sets: consumer questions nobody trained on
+# The test split's questions share MedQuAD's agencies and templates with training. The sets of `external_eval`
+# (docs/evaluation.md) hold questions people sent to the U.S. National Library of Medicine (TREC 2017 LiveQA-Med,
+# asked with the NLM summary and with the consumer's own message, per `liveqa_questions`) and MedLFQA's LiveQA and
+# MedicationQA questions. Each set gets the measures above for its first `external_size` questions, base vs
+# fine-tuned with paired intervals; an answer is scored against the reference answer it matches best.
+#
+# **Leakage**: the scored questions are compared with this run's train and validation pairs (same or near-duplicate
+# question or answer, or answers sharing half their 5-grams): 0 for a run whose 02 dropped the pairs it found.
+#
+# **Statements** (MedLFQA): a judge model (`judge_model`) answers, for each answer and each must-have or nice-to-have
+# statement, whether the answer states or clearly implies it (a fixed rubric, greedy, strict yes/no parsing: any
+# other reply is *not judged* and counted). A question's score is the share of its judged statements met. The judge
+# is measured on a labelled set of statements (tests/data/judge_labels.jsonl, half met, half not): its accuracy
+# stands next to every judged score, and under 80 % the scores are marked UNRELIABLE.
+
+# %%
+from IPython.display import Markdown
+
+from hb_utils.evaluate import external
+
+for name, block in result.get("external", {}).items():
+    display(Markdown(external.section_markdown(name, block)))
+    display(evaluation.comparison_table(block))
+    if (statements := external.statement_table(block)) is not None:
+        display(statements)
+if result.get("judge"):
+    display(Markdown("### The judge, measured on the labelled set"))
+    display(external.judge_table(result["judge"]))
+if not result.get("external"):
+    print("external_eval is empty: no external set was scored.")
 
 # %% [markdown]
 # ## Best and worst answers by ROUGE-L

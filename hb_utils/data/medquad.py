@@ -1,4 +1,4 @@
-"""MedQuAD: load → clean → filter → dedupe → sample → leakage-safe split → chat records.
+"""MedQuAD: load → clean → filter → dedupe → drop leaks into external sets → sample → leakage-safe split → records.
 
 Why this module exists: the original notebook split *rows* at random, but MedQuAD repeats the same
 question under several sources and asks many questions about one focus, so test questions leaked
@@ -27,7 +27,7 @@ import pandas as pd
 
 from hb_utils import run_dir
 from hb_utils.config import ExperimentConfig
-from hb_utils.data import split
+from hb_utils.data import external, split
 from hb_utils.errors import DataError
 
 # The columns of lavita/MedQuAD (the Hub conversion of the XML release), in its order.
@@ -226,12 +226,17 @@ def clean_and_filter(df: pd.DataFrame, cfg: ExperimentConfig) -> tuple[pd.DataFr
 
 
 def to_record(row: Mapping[str, Any], system_prompt: str) -> dict[str, Any]:
-    """A model-agnostic chat record; rendering to text happens later with the tokenizer's template."""
+    """A model-agnostic chat record; rendering to text happens later with the tokenizer's template.
+
+    An empty ``system_prompt`` writes no system turn, so the chat template's own default applies in training
+    as it does in generation, chat and the Modelfile (which omit an empty system message too): an empty
+    system message is not "no system prompt" to every template (some print an empty system block)."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     return {
         "id": f"{row['document_source']}:{row['question_id']}",
         "source": row["document_source"], "focus": row["question_focus"], "question_type": row["question_type"],
         "question": row["question"], "answer": row["answer"],
-        "messages": [{"role": "system", "content": system_prompt}, {"role": "user", "content": row["question"]},
+        "messages": [*system, {"role": "user", "content": row["question"]},
                      {"role": "assistant", "content": row["answer"]}],
     }
 
@@ -266,6 +271,12 @@ def prepare_splits(cfg: ExperimentConfig, *, write: bool = True, raw: pd.DataFra
     if raw is None:
         raw, raw_info = load_raw(cfg.dataset, cfg.dataset_split)
     clean, funnel = clean_and_filter(raw, cfg)
+    external_record = None
+    if cfg.external_eval:  # pairs that leak into an external set never reach the sample (hb_utils.data.external)
+        sets = external.load_sets(cfg.external_eval, liveqa_questions=("summary",))  # every question text is checked
+        clean, external_record = external.drop_leaking(clean, sets)
+        funnel.append({"step": "leaks into an external set", "removed": external_record["pairs_dropped"],
+                       "remaining": len(clean)})
     if len(clean) < 3:
         raise DataError(f"Only {len(clean)} pairs are left after filtering (funnel: "
                         + ", ".join(f"{s['step']}: -{s['removed']}" for s in funnel[1:])
@@ -284,6 +295,7 @@ def prepare_splits(cfg: ExperimentConfig, *, write: bool = True, raw: pd.DataFra
         "sample": {"requested": cfg.sample_size, "drawn": drawn, "reduced": drawn < cfg.sample_size,
                    "available": len(clean)},
         "split": split_stats,
+        **({"external": external_record} if external_record is not None else {}),
         "lengths": {k: _length_summary(v) for k, v in frames.items()},
     }
     # to_dict, not iterrows: building a Series per row took seconds on the whole release.

@@ -8,7 +8,10 @@ another model or config, is refused by :func:`hb_utils.model.loading.load_adapte
 
 Artifacts (``metrics/`` of the run, stamped with :func:`hb_utils.run_dir.stamp`): ``eval.json``
 (metrics with 95% bootstrap intervals and paired deltas, both perplexity variants, implementations
-and settings) and ``predictions.jsonl`` (one row per test question, with the eval fingerprint).
+and settings) and ``predictions.jsonl`` (one row per test question, with the eval fingerprint). With ``external_eval``,
+each external set gets its own block ``eval.json["external"][<set>]`` (shaped like the test split's, plus leakage
+and judged statements; :mod:`hb_utils.evaluate.external`), the judge's measured accuracy ``eval.json["judge"]``,
+and its answers go to ``external_predictions.jsonl``.
 Stage 05 is :mod:`hb_utils.evaluate.qualitative`.
 """
 
@@ -26,6 +29,7 @@ from hb_utils import results, run_dir
 from hb_utils.config import ExperimentConfig
 from hb_utils.data import medquad
 from hb_utils.errors import RunError
+from hb_utils.evaluate import external as external_eval
 from hb_utils.evaluate import metrics, perplexity, reruns
 from hb_utils.model import loading
 from hb_utils.model.generation import GenResult, generate_answers
@@ -46,8 +50,11 @@ def run_evaluation(cfg: ExperimentConfig) -> dict[str, Any]:
     """Greedy answers and perplexity of base and fine-tuned model on the test split; writes
     ``metrics/eval.json`` and ``metrics/predictions.jsonl`` and returns the eval.json payload."""
     run = run_dir.claim(cfg, made_by="evaluation.run_evaluation")
+    sets = external_eval.configured_sets(cfg)  # DataError for a missing or unknown file, before any model loads
+    external_eval.check_judge(cfg, sets)
     model, tokenizer = loading.load_adapter_model(cfg, run.adapter)  # refuses missing / foreign adapters
-    test = medquad.ensure_splits(cfg)["test"]
+    splits = medquad.ensure_splits(cfg)
+    test = splits["test"]
     gen_records = metrics.select_first(test, cfg.eval_size)
     ppl_records = metrics.select_first(test, cfg.ppl_size)
     questions = [r["question"] for r in gen_records]
@@ -64,6 +71,9 @@ def run_evaluation(cfg: ExperimentConfig) -> dict[str, Any]:
             nll[system] = perplexity.token_nll(model, tokenizer, [r["messages"] for r in ppl_records],
                                                batch_size=cfg.ppl_batch_size, progress=cfg.progress)
         seconds[system] = round(time.perf_counter() - t0, 2)
+    answered = external_eval.answer_sets(model, tokenizer, sets, cfg)  # the external sets, same settings
+    del model  # the judge (if any) loads next
+    external_eval.free_memory()
 
     boot = {"samples": cfg.bootstrap_samples, "seed": cfg.seed}
     fns, per_example = {}, {}
@@ -95,6 +105,11 @@ def run_evaluation(cfg: ExperimentConfig) -> dict[str, Any]:
         },
         "seconds": seconds,
     }
+    ext_rows: list[dict[str, Any]] = []
+    if sets:
+        data_record = (run_dir.read_json(run.data_stats) if run.data_stats.is_file() else {}).get("external")
+        result["external"], result["judge"], ext_rows = external_eval.score_sets(
+            cfg, answered, splits["train"] + splits["val"], data_record)
     fp = cfg.fingerprint("eval")
     rows = []
     for i, rec in enumerate(gen_records):
@@ -108,6 +123,8 @@ def run_evaluation(cfg: ExperimentConfig) -> dict[str, Any]:
     # other eval configs' metrics aside
     reruns.record_eval_rerun(cfg, "04_evaluate", made_by="evaluation.run_evaluation")
     write_jsonl(run.metrics / "predictions.jsonl", rows)
+    if ext_rows:
+        write_jsonl(run.metrics / "external_predictions.jsonl", ext_rows)
     write_json(run.metrics / "eval.json", result)
     return result
 

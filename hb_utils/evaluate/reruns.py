@@ -19,7 +19,8 @@ from hb_utils.run_dir import RunPaths, claim, read_json, read_stamp, unique_sibl
 # The artifacts of the eval scope (04 and 05 share one eval fingerprint), per stage; the first file of a
 # group that carries a fingerprint tells whose they are.
 EVAL_ARTIFACTS = {
-    "04_evaluate": ("metrics/eval.json", "metrics/predictions.jsonl", "plots/eval_comparison.png"),
+    "04_evaluate": ("metrics/eval.json", "metrics/predictions.jsonl", "metrics/external_predictions.jsonl",
+                    "plots/eval_comparison.png"),
     "05_qualitative": ("metrics/qualitative.jsonl", "metrics/qualitative.md"),
 }
 PREVIOUS = "metrics/previous"
