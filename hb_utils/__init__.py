@@ -2,14 +2,16 @@
 
 Code map. Imports go one way, down this list's layers (``tests/test_import_graph.py`` checks it):
 
-    cli.py, __main__.py   ``hb run | compare | export | chat``: each command maps to one function
-    runs/                 run a series of notebooks: runner (papermill), notebook start, reports, kernels
-                          (socket-file kernels), interrupts (Ctrl-C is one line), compare
+    cli.py, __main__.py   ``hb run | sweep | compare | export | chat``: each command maps to one function
+    runs/                 run a series of notebooks: runner (papermill), notebook start, reports, kernels; a
+                          series of runs: sweep (spec, trials, series.json), executors (local pool, Ray); compare
     chat.py               the gradio chat app (``hb chat``)
     export/               merge the adapter, GGUF + Ollama Modelfile, model card, agreement measurement
-    evaluate/             stages 04/05: metrics, perplexity, answers of base vs fine-tuned, qualitative, reruns
+    evaluate/             stages 04/05: metrics, perplexity, answers of base vs fine-tuned, external sets and the
+                          statement judge, qualitative, reruns
     train/                stage 03: TRL's SFTTrainer set-up, callbacks, multi-process launch and worker
-    data/                 stages 01/02: MedQuAD loading and cleaning, leakage-safe split, EDA tables and figures
+    data/                 stages 01/02: MedQuAD loading and cleaning, leakage-safe split, EDA tables and figures,
+                          external sets (LiveQA XML, MedLFQA JSONL) and their leakage check against MedQuAD
     model/                model source (Hub, local, packaged GGUF), tokenizer policy, 4-bit + LoRA loading,
                           device/dtype, CPU levers (attention, kept dequantized weights, LoRA dropout), generation
     core (top level)      config.py + params_file.py (ExperimentConfig: every parameter once), errors.py (user

@@ -1,7 +1,8 @@
 """The ``hb`` command (also ``python -m hb_utils``).
 
     hb run params/smoke.yaml [-p lora_r 16 ...] [-r name text] [-y 'yaml'] [--from 03 | --only 04] [--overwrite]
-    hb compare outputs/smoke outputs/smoke_r16 [--out outputs/compare]
+    hb sweep params/series_smoke.yaml [-p name value ...] [--executor local|ray] [--address auto] [--dry-run]
+    hb compare outputs/smoke outputs/smoke_r16 [--out outputs/compare] [--baseline smoke]
     hb export outputs/smoke [--merge-into auto|base|dequantized] [--gguf f16|q8_0] [--overwrite]
     hb chat outputs/smoke [--host 127.0.0.1] [--port 7860]      (or: hb chat outputs/smoke/export/merged)
 
@@ -83,6 +84,29 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--no-report", action="store_true",
                      help="write the tables and plots only, no executed 06 notebook")
     cmp.add_argument("--kernel", default="python3", help="Jupyter kernel for the 06_compare report")
+    cmp.add_argument("--baseline", default=None, metavar="RUN",
+                     help="run (directory name) every other run is compared with, paired on the same test questions "
+                          "(default: the first run given)")
+    swp = sub.add_parser("sweep", help="run an experiment series (grid, values that change together, params files)")
+    swp.add_argument("spec", help="sweep spec, e.g. params/series_smoke.yaml (docs/sweeps.md)")
+    for flag, long, meta, text in (("-p", "--parameter", ("NAME", "VALUE"), "set one parameter for every trial"),
+                                   ("-r", "--parameter-raw", ("NAME", "VALUE"), "the same, raw text (as hb run -r)")):
+        swp.add_argument(flag, long, nargs=2, action="append", default=[], metavar=meta, help=text)
+    swp.add_argument("-y", "--parameters-yaml", action="append", default=[], metavar="YAML",
+                     help="parameters for every trial as a YAML mapping (as hb run -y)")
+    swp.add_argument("--executor", choices=("local", "ray"), default=None,
+                     help="local (default: this machine, one trial per GPU or one at a time on a CPU) or ray")
+    swp.add_argument("--address", default=None, help="Ray cluster: auto (default), <head ip>:6379 or ray://host:10001")
+    swp.add_argument("--parallel", type=int, default=None, help="trials at once on this machine (default: one per GPU, "
+                     "or 1 on a CPU)")
+    swp.add_argument("--gpus", default=None, help="GPUs the local pool uses, e.g. 0,1 (default: every visible GPU)")
+    swp.add_argument("--gpus-per-trial", type=int, default=None, help="GPUs per trial (default: the trials' "
+                     "num_processes on a GPU machine, 0 on a CPU)")
+    swp.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs a Ray task asks for (default 1)")
+    swp.add_argument("--overwrite", action="store_true", help="as hb run --overwrite, for every trial")
+    swp.add_argument("--dry-run", action="store_true", help="validate the spec and list the trials; run nothing")
+    swp.add_argument("--no-report", action="store_true", help="no series report (06_compare) at the end")
+    swp.add_argument("--kernel", default="python3", help="Jupyter kernel to execute with (default: python3)")
     exp = sub.add_parser("export", help="merge the adapter into a plain model (+ GGUF) under <run>/export/")
     exp.add_argument("run_dir", help="run directory, e.g. outputs/smoke")
     exp.add_argument("--merge-into", choices=("auto", "base", "dequantized"), default="auto",
@@ -131,10 +155,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from hb_utils.runs.sweep import load_spec, run_sweep
+
+    spec = load_spec(args.spec, parse_overrides(args.parameter, args.parameters_yaml, args.parameter_raw))
+    again = ["hb", "sweep", args.spec]  # the command that resumes this sweep, as typed
+    again += [x for flag, pairs in (("-p", args.parameter), ("-r", args.parameter_raw)) for pair in pairs
+              for x in (flag, *pair)]
+    again += [x for y in args.parameters_yaml for x in ("-y", y)]
+    again += [x for k in ("executor", "address", "parallel", "gpus", "gpus_per_trial", "cpus_per_trial")
+              if getattr(args, k) is not None for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
+    again += [f"--{k.replace('_', '-')}" for k in ("overwrite", "no_report") if getattr(args, k)]
+    result = run_sweep(spec, executor=args.executor, address=args.address, parallel=args.parallel, gpus=args.gpus,
+                       gpus_per_trial=args.gpus_per_trial, cpus_per_trial=args.cpus_per_trial,
+                       overwrite=args.overwrite, report=not args.no_report, kernel=args.kernel, dry_run=args.dry_run,
+                       resume_command=shlex.join(again))
+    return 1 if result.failed or result.report_error else 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from hb_utils.runs.compare import compare_runs
 
-    out = compare_runs(args.runs, out_dir=args.out, report=not args.no_report, kernel=args.kernel)
+    out = compare_runs(args.runs, out_dir=args.out, report=not args.no_report, kernel=args.kernel,
+                       baseline=args.baseline)
     for name, path in out.items():
         print(f"{name:10s} {path}")
     return 0
@@ -142,7 +185,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = {"run": cmd_run, "compare": cmd_compare, "export": cmd_export, "chat": cmd_chat}[args.command]
+    command = {"run": cmd_run, "sweep": cmd_sweep, "compare": cmd_compare, "export": cmd_export,
+               "chat": cmd_chat}[args.command]
     try:
         with quiet.console():  # every command: its own lines only (no library warnings, logs or bars)
             return command(args)

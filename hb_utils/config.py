@@ -85,6 +85,9 @@ class ExperimentConfig:
     split_by: str = _f("question", "What never spans two splits: question (+ same or near-duplicate answer), focus, "
                        "or row (the original's).",
                        choices=("row", "question", "focus"), scope="data")
+    # data scope, not eval: 02 drops the MedQuAD pairs that leak into these sets, so they shape the split
+    external_eval: list[str] = _f([], "External sets (LiveQA XML, MedLFQA JSONL; paths from the repo root): 02 drops "
+                                  "pairs leaking into them, 04 scores each.", scope="data")
     # --- model ---
     model_name: str = _f("TinyLlama/TinyLlama-1.1B-Chat-v1.0",
                          "Hub id, local model dir, or the offline alias smollm2-135m-instruct.", scope="train")
@@ -128,9 +131,9 @@ class ExperimentConfig:
     completion_only_loss: bool = _f(True, "Loss on answer tokens only (False: original full-sequence loss).",
                                     scope="train")
     seed: int = _f(42, "Training seed.", scope="train")
-    report_to: str = _f("none", "Training logger: none or tensorboard (extra `tensorboard`; logs in "
-                        "checkpoints/runs/).",
-                        choices=("none", "tensorboard"), scope="run")
+    report_to: str = _f("none", "Training logger: none, tensorboard (logs in checkpoints/runs/) or trackio (logs in "
+                        "<output_root>/trackio/).",
+                        choices=("none", "tensorboard", "trackio"), scope="run")
     num_processes: int = _f(1, "Data-parallel training processes (accelerate; docs/distributed.md); effective batch "
                             "is batch x accum x N.",
                             min=1, scope="train")
@@ -146,6 +149,14 @@ class ExperimentConfig:
     gen_batch_size: int = _f(32, "Batch size of evaluation generation (left-padded, greedy).", min=1, scope="eval")
     ppl_batch_size: int = _f(8, "Batch size of the perplexity passes.", min=1, scope="eval")
     bootstrap_samples: int = _f(1000, "Bootstrap resamples for confidence intervals.", min=10, scope="eval")
+    # --- external sets and statement judge (docs/evaluation.md) ---
+    external_size: int | str = _f(100, "Questions of each external set to answer (an int, or 'all').", scope="eval")
+    liveqa_questions: list[str] = _f(["summary", "message"], "LiveQA question text asked, one set each: summary "
+                                     "(NLM), paraphrase (NIST), message (the consumer's own).",
+                                     choices=("summary", "paraphrase", "message"), scope="eval", comma_list=True)
+    judge_model: str = _f("Qwen/Qwen2.5-7B-Instruct", "Model judging the MedLFQA statements (Hub id, local dir or "
+                          "smollm2-135m-instruct); empty: none.", scope="eval")
+    judge_batch_size: int = _f(16, "Batch size of the judge's calls.", min=1, scope="eval")
     # --- qualitative ---
     prompts: list[str] = _f([], "Extra prompts for 05_qualitative, besides the six standard ones.", scope="eval")
     qual_temperature: float = _f(0.3, "Sampling temperature of qualitative answers.", min_excl=0.0, scope="eval")
@@ -308,6 +319,8 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         value = _parse_list(name, value, comma_list=bool(meta.get("comma_list")))
         if name == "lora_target_modules" and not value:
             raise ConfigError("lora_target_modules must name at least one module, e.g. [q_proj, v_proj].")
+        if "choices" in meta and (not value or any(v not in meta["choices"] for v in value)):
+            raise ConfigError(f"{name} must name one or more of {', '.join(meta['choices'])}; got {value!r}.")
         return value
     if typ == "int | str":  # a count or 'all'
         if isinstance(value, str) and value.strip().lower() == "all":

@@ -43,7 +43,7 @@ output_root: str = 'outputs'  # Where run directories live (relative paths: to t
 overwrite: bool = False  # Replace artifacts of a different config in this run directory.
 attn_implementation: str = 'auto'  # Attention kernel: auto (the faster one per device and dtype, hb_utils.model.attention), sdpa or eager.
 logging_steps: int = 25  # Log training loss every N steps.
-report_to: str = 'none'  # Training logger: none or tensorboard (extra `tensorboard`; logs in checkpoints/runs/).
+report_to: str = 'none'  # Training logger: none, tensorboard (logs in checkpoints/runs/) or trackio (logs in <output_root>/trackio/).
 accelerate_config: str = ''  # accelerate config YAML for num_processes > 1 (e.g. accelerate/fsdp_qlora.yaml); empty: DDP defaults.
 resume: str = 'auto'  # auto: continue from this config's newest checkpoint; never: start fresh.
 progress: bool = True  # Show progress bars (kept quiet in headless runs).
@@ -62,6 +62,7 @@ val_frac: float = 0.1  # Fraction of pairs for validation.
 test_frac: float = 0.1  # Fraction of pairs for testing.
 split_seed: int = 42  # Seed of the train/val/test split.
 split_by: str = 'question'  # What never spans two splits: question (+ same or near-duplicate answer), focus, or row (the original's).
+external_eval: list[str] = []  # External sets (LiveQA XML, MedLFQA JSONL; paths from the repo root): 02 drops pairs leaking into them, 04 scores each.
 # --- train: the adapter (03) ---
 model_name: str = 'TinyLlama/TinyLlama-1.1B-Chat-v1.0'  # Hub id, local model dir, or the offline alias smollm2-135m-instruct.
 max_length: int = 512  # Maximum tokens per training example.

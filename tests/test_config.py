@@ -39,14 +39,22 @@ def test_every_field_has_help_and_snake_case_name():
 
 def test_exp1_yaml_equals_defaults():
     c = load_config(ROOT / "params" / "exp1.yaml")
-    assert c == ExperimentConfig()
+    assert c.replace(external_eval=[]) == ExperimentConfig()  # the default names no external set
+    names = [p.rsplit("/", 1)[-1] for p in c.external_eval]  # Experiment 1 names both sets (docs/evaluation.md)
+    assert names[0].startswith("TREC-2017-LiveQA") and names[1:] == ["live_qa_test_MedLFQA.jsonl",
+                                                                     "medication_qa_test_MedLFQA.jsonl"]
 
 
 def test_every_params_file_is_valid():
     files = sorted((ROOT / "params").glob("*.yaml"))
     assert len(files) >= 2
     for path in files:
-        load_config(path)  # raises ConfigError on any problem
+        if path.name.startswith("series_"):  # a sweep spec: every trial's config is built and checked
+            from hb_utils.runs import sweep
+
+            sweep.expand(sweep.load_spec(path))
+        else:
+            load_config(path)  # raises ConfigError on any problem
 
 
 @pytest.mark.parametrize("value", ["2e-4", "2E-4", 0.0002, "0.0002"])
@@ -149,6 +157,8 @@ def test_every_field_has_exactly_one_scope_and_fingerprints_derive_from_it():
             other = base.replace(**{name: next(c for c in choices if c != value)})
         elif name in ("eval_size", "ppl_size"):
             other = base.replace(**{name: 3})
+        elif name == "liveqa_questions":
+            other = base.replace(liveqa_questions=["paraphrase"])
         else:
             other = base.replace(**{name: changed})
         moved = {s for s in FINGERPRINT_SCOPES if other.fingerprint(s) != base.fingerprint(s)}

@@ -14,6 +14,7 @@ argument of the config reaches TRL.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 from transformers import TrainerCallback
-from transformers.integrations import is_tensorboard_available
+from transformers.integrations import is_tensorboard_available, is_trackio_available
 from trl import SFTConfig, SFTTrainer
 
 from hb_utils import run_dir
@@ -114,6 +115,7 @@ def build_sft_config(cfg: ExperimentConfig, *, output_dir: str | Path | None = N
     if cfg.report_to == "tensorboard" and not is_tensorboard_available():  # what transformers' callback needs
         raise ConfigError("report_to='tensorboard' needs the tensorboard package: `pip install tensorboard` "
                           "(or `pip install -e \".[tensorboard]\"`), or set report_to: none.")
+    tracking = trackio_settings(cfg) if cfg.report_to == "trackio" else {}
     dtype = compute_dtype if compute_dtype is not None else resolve_compute_dtype(cfg.compute_dtype)
     quiet = is_headless() or not cfg.progress
     return SFTConfig(
@@ -160,8 +162,26 @@ def build_sft_config(cfg: ExperimentConfig, *, output_dir: str | Path | None = N
         metric_for_best_model="eval_loss",
         greater_is_better=False,
         report_to="none" if cfg.report_to == "none" else [cfg.report_to],
+        **tracking,
         disable_tqdm=quiet,
     )
+
+
+TRACKIO_DEFAULT_PROJECT = "healthbot"
+
+
+def trackio_settings(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What ``report_to: trackio`` adds to the training arguments: the project ($HB_TRACKIO_PROJECT, which
+    ``hb sweep`` sets to the series name: one project per series, else "healthbot"), the run (the experiment) and
+    local storage only (no Hugging Face Space). The logs go to $TRACKIO_DIR, by default ``<output_root>/trackio``
+    (a series' own folder under ``hb sweep``): ``TRACKIO_DIR=<that folder> trackio show`` opens the dashboard.
+    Set here, before transformers imports trackio, which reads the folder once."""
+    if not is_trackio_available():
+        raise ConfigError("report_to='trackio' needs the trackio package: `pip install -e \".[tracking]\"` (or "
+                          "`pip install trackio`), or set report_to: none.")
+    os.environ.setdefault("TRACKIO_DIR", str(run_dir.resolve(cfg.output_root) / "trackio"))
+    return {"project": os.environ.get("HB_TRACKIO_PROJECT") or TRACKIO_DEFAULT_PROJECT, "run_name": cfg.experiment,
+            "trackio_space_id": None, "trackio_static_space_id": False}
 
 
 def build_trainer(cfg: ExperimentConfig, args: SFTConfig, tokenizer: Any, train_ds: Dataset,
