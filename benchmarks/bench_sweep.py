@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows[1:]:
         print(f"--parallel {row['parallel']} vs --parallel {rows[0]['parallel']}: {first / row['wall_s']:.2f}x "
               f"({'faster' if row['wall_s'] < first else 'not faster'}) on {os.cpu_count()} CPU(s)")
-    print("On a CPU both trials share the same cores: parallel trials pay with one GPU (or node) per trial.")
+    print("On a CPU the trials share its cores: what overlaps is single-threaded start-up (kernels importing torch, "
+          "model loads), not the arithmetic; parallel trials pay in full with one GPU (or node) per trial.")
     return 0
 
 
